@@ -1,0 +1,279 @@
+"""Configuration of BilingualGlm: GLM-4 block hyper-parameters plus the GLM special-token ids.
+
+This file ships as Hub remote code next to ``modeling_bilingual_glm.py``, so it imports only public
+transformers API. Field names are transformers' standard ones (the same as ``GlmConfig``) so that the
+conversion to and from native ``glm`` is a plain field copy.
+
+The config is written with an explicit typed ``__init__`` rather than as a bare dataclass: transformers
+5.x keeps a custom ``__init__`` on ``PreTrainedConfig`` subclasses, and 4.x only understands that form,
+so one file serves every transformers version the exported folder must load in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+# Special tokens of the bilingual tokenizer, in id order: the presets' token ids are their positions here.
+GLM_SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "[MASK]",
+    "[sMASK]",
+    "[gMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<pad>",
+)
+_ID = {token: index for index, token in enumerate(GLM_SPECIAL_TOKENS)}
+_OWN_TOKEN_IDS: dict[str, Any] = {
+    "eos_token_id": _ID["<|endoftext|>"],
+    "pad_token_id": _ID["<pad>"],
+    "bos_token_id": None,
+    "mask_token_id": _ID["[MASK]"],
+    "smask_token_id": _ID["[sMASK]"],
+    "gmask_token_id": _ID["[gMASK]"],
+    "sop_token_id": _ID["<sop>"],
+    "eop_token_id": _ID["<eop>"],
+}
+
+# Named sizes. `tiny` is for CI (< 1M parameters), `small` the CPU demo (~16M), `base` GLM-Base scale
+# (~110M) and `glm-4-9b` THUDM's GLM-4-9B geometry and token ids (build that one on the meta device).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        **_OWN_TOKEN_IDS,
+    ),
+    "small": dict(
+        vocab_size=8192,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+        **_OWN_TOKEN_IDS,
+    ),
+    "base": dict(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2304,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        **_OWN_TOKEN_IDS,
+    ),
+    "glm-4-9b": dict(
+        vocab_size=151552,
+        hidden_size=4096,
+        intermediate_size=13696,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1.5625e-07,
+        rope_theta=10000.0 * 500,
+        tie_word_embeddings=False,
+        eos_token_id=[151329, 151336, 151338],
+        pad_token_id=151329,
+        bos_token_id=None,
+        mask_token_id=151330,
+        gmask_token_id=151331,
+        smask_token_id=151332,
+        sop_token_id=151333,
+        eop_token_id=151334,
+    ),
+}
+
+_POSITIVE_INT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+_TOKEN_ID_FIELDS = (
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "mask_token_id",
+    "smask_token_id",
+    "gmask_token_id",
+    "sop_token_id",
+    "eop_token_id",
+)
+
+
+class BilingualGlmConfig(PretrainedConfig):
+    r"""GLM-4 block + GLM blank infilling.
+
+    Rotary layout of one head (``head_dim=8``, ``partial_rotary_factor=0.5`` → rotary dim 4)::
+
+        dims   0 1 | 2 3 | 4 5 | 6 7
+               pos pairs | block-pos pairs
+               (GLM-4 interleaved convention: pairs are adjacent dims)
+
+    The first ``head_dim * partial_rotary_factor`` dims are rotated by the token position, the next as many
+    by the GLM block position (0 outside Part B spans, so they pass through unchanged, exactly as in GLM-4).
+    """
+
+    model_type = "bilingual_glm"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    def __init__(
+        self,
+        # sizes
+        vocab_size: int = 1024,
+        hidden_size: int = 64,
+        intermediate_size: int = 172,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 4,
+        num_key_value_heads: int | None = 2,
+        head_dim: int | None = None,
+        max_position_embeddings: int = 512,
+        # block details
+        hidden_act: str = "silu",
+        rms_norm_eps: float = 1e-5,
+        attention_bias: bool = True,
+        attention_dropout: float = 0.0,
+        # rotary
+        rope_theta: float = 10000.0,
+        partial_rotary_factor: float = 0.5,
+        # init / heads / cache
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
+        use_cache: bool = True,
+        # token ids (GLM specials included)
+        pad_token_id: int | None = _OWN_TOKEN_IDS["pad_token_id"],
+        bos_token_id: int | None = None,
+        eos_token_id: int | list[int] | None = _OWN_TOKEN_IDS["eos_token_id"],
+        mask_token_id: int | None = _OWN_TOKEN_IDS["mask_token_id"],
+        smask_token_id: int | None = _OWN_TOKEN_IDS["smask_token_id"],
+        gmask_token_id: int | None = _OWN_TOKEN_IDS["gmask_token_id"],
+        sop_token_id: int | None = _OWN_TOKEN_IDS["sop_token_id"],
+        eop_token_id: int | None = _OWN_TOKEN_IDS["eop_token_id"],
+        **kwargs: Any,
+    ) -> None:
+        # Older configs (and native GlmConfig in 5.x) carry the rope settings as a dict.
+        rope_parameters = kwargs.pop("rope_parameters", None) or {}
+        rope_theta = rope_parameters.get("rope_theta", rope_theta)
+        partial_rotary_factor = rope_parameters.get("partial_rotary_factor", partial_rotary_factor)
+        if rope_parameters.get("rope_type", "default") != "default":
+            raise ValueError(
+                f"rope_parameters.rope_type: only 'default' RoPE is supported, got {rope_parameters['rope_type']!r}"
+            )
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_attention_heads if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else _safe_div(hidden_size, num_attention_heads)
+        self.max_position_embeddings = max_position_embeddings
+        self.hidden_act = hidden_act
+        self.rms_norm_eps = rms_norm_eps
+        self.attention_bias = attention_bias
+        self.attention_dropout = attention_dropout
+        self.rope_theta = rope_theta
+        self.partial_rotary_factor = partial_rotary_factor
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.mask_token_id = mask_token_id
+        self.smask_token_id = smask_token_id
+        self.gmask_token_id = gmask_token_id
+        self.sop_token_id = sop_token_id
+        self.eop_token_id = eop_token_id
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate_bilingual_glm()
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dims of each head rotated by the token position (the same number again by block position)."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def validate_bilingual_glm(self) -> None:
+        """Raise ``ValueError`` naming the first bad field, so a typo fails here and not deep in torch."""
+        for name in _POSITIVE_INT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if not 0.0 < self.partial_rotary_factor <= 1.0:
+            raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor!r}")
+        rotary = self.head_dim * self.partial_rotary_factor
+        if rotary != int(rotary) or int(rotary) % 2:
+            raise ValueError(
+                f"partial_rotary_factor: head_dim ({self.head_dim}) * partial_rotary_factor "
+                f"({self.partial_rotary_factor}) = {rotary} must be an even integer (rotary dims come in pairs)"
+            )
+        for name, low in (("rms_norm_eps", 0.0), ("rope_theta", 1.0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > low:
+                raise ValueError(f"{name} must be a number > {low}, got {value!r}")
+        if not isinstance(self.initializer_range, (int, float)) or self.initializer_range < 0:
+            raise ValueError(f"initializer_range must be >= 0, got {self.initializer_range!r}")
+        if not isinstance(self.attention_dropout, (int, float)) or not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        if self.hidden_act != "silu":
+            raise ValueError(f"hidden_act must be 'silu' (GLM-4's SwiGLU), got {self.hidden_act!r}")
+        for name in _TOKEN_ID_FIELDS:
+            value = getattr(self, name, None)
+            for token_id in value if isinstance(value, (list, tuple)) else [value]:
+                if token_id is not None and not (
+                    isinstance(token_id, int) and 0 <= token_id < self.vocab_size
+                ):
+                    raise ValueError(
+                        f"{name} must be None or an id in [0, vocab_size={self.vocab_size}), got {value!r}"
+                    )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> BilingualGlmConfig:
+        """Build a named size (``tiny``, ``small``, ``base``, ``glm-4-9b``), any field overridable."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+def _safe_div(numerator: Any, denominator: Any) -> Any:
+    """hidden_size // num_attention_heads, leaving bad values for validation to name."""
+    if isinstance(numerator, int) and isinstance(denominator, int) and denominator > 0:
+        if numerator % denominator:
+            raise ValueError(
+                f"head_dim: hidden_size ({numerator}) is not divisible by num_attention_heads ({denominator}); "
+                "set head_dim explicitly"
+            )
+        return numerator // denominator
+    return denominator
+
+
+__all__ = ["BilingualGlmConfig", "GLM_SPECIAL_TOKENS", "PRESETS"]

@@ -1,0 +1,737 @@
+"""BilingualGlm: the GLM-4 block with the original GLM's autoregressive blank infilling, in one file.
+
+Architecture choices (read top to bottom: norm → rotary → attention → MLP → layer → PreTrainedModel →
+Model → heads):
+
+- RMSNorm (fp32 statistics), pre-norm residuals, a final norm — GLM-4 / ChatGLM2+.
+- Grouped-query attention with bias on q/k/v only, ``o_proj`` without bias.
+- SwiGLU MLP with one fused ``gate_up_proj`` (gate first) and ``down_proj``.
+- Partial, *interleaved* rotary embedding (GLM-4 convention) extended to GLM's 2D positions: the first
+  rotary slice of each head follows the token position, the next slice the block position.
+- Prefix ("Part A") attention: a per-row prefix length opens the first columns to every query, giving
+  GLM's bidirectional context, or a full bidirectional encoder when the prefix is the whole row.
+
+With 1D positions (or block positions all zero) and no prefix this is exactly transformers' native
+``GlmForCausalLM``, weight name for weight name; ``bilingual_glm.conversion`` moves checkpoints both ways.
+
+This file ships as Hub remote code, so it imports only public transformers API.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import tempfile
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+try:  # transformers >= 4.52
+    from transformers.modeling_layers import GradientCheckpointingLayer
+except ImportError:  # pragma: no cover - older transformers
+    GradientCheckpointingLayer = nn.Module
+
+from ..configuration.configuration_bilingual_glm import BilingualGlmConfig  # flat in exported folders
+
+# transformers 5.x renamed the outputs' `past_key_values` field to `cache`.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# --------------------------------------------------------------------------------------------- norm
+class BilingualGlmRMSNorm(nn.Module):
+    """RMSNorm with fp32 statistics: bf16 variance underflows on long rows."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+# ------------------------------------------------------------------------------------------- rotary
+class BilingualGlmRotaryEmbedding(nn.Module):
+    """cos/sin tables for GLM's 2D rotary positions, computed once per forward for all layers.
+
+    One head with ``head_dim=8`` and ``partial_rotary_factor=0.5`` (rotary dim ``r=4``)::
+
+        dims          0 1   2 3   4 5   6 7
+                      └─┘   └─┘   └─┘   └─┘      adjacent pairs (GLM-4 interleaved convention)
+        angle      pos·f0 pos·f1 blk·f0 blk·f1   f = inv_freq, shared by both slices
+
+    1D ``position_ids [B, T]`` rotate dims ``[0, r)`` only (native GLM-4). 2D ``position_ids [B, 2, T]``
+    also rotate dims ``[r, 2r)`` by the block position; a block position of 0 is the identity, which is
+    why GLM-4 checkpoints run unchanged.
+    """
+
+    def __init__(self, config: BilingualGlmConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.rope_type = "default"
+        inv_freq, _ = self.compute_default_rope_parameters(config, device)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(
+        config: BilingualGlmConfig, device: torch.device | None = None, **kwargs: Any
+    ) -> tuple[torch.Tensor, float]:
+        """inv_freq over the rotary dim, computed exactly as native GLM does (bitwise-equal tables)."""
+        base, dim = config.rope_theta, config.rotary_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+        return inv_freq.to(device), 1.0
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return cos, sin of shape ``[B, 1, T, n_pairs]`` (n_pairs = r/2 for 1D, r for 2D positions)."""
+        inv_freq = self.inv_freq.to(device=position_ids.device, dtype=torch.float)
+        freqs = position_ids[..., None].float() * inv_freq  # [B, T, r/2] or [B, 2, T, r/2]
+        if position_ids.dim() == 3:
+            freqs = torch.cat((freqs[:, 0], freqs[:, 1]), dim=-1)  # [B, T, r]
+        freqs = freqs.unsqueeze(1)  # [B, 1, T, n_pairs]: broadcast over heads
+        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+
+
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs ``(x[2i], x[2i+1])`` of the first ``2 * n_pairs`` dims; the rest pass."""
+    rotary = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
+    x_rot = x_rot.unflatten(-1, (-1, 2))  # [B, H, T, n_pairs, 2]
+    even, odd = x_rot[..., 0], x_rot[..., 1]
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------- attention
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference attention: GQA by broadcasting query groups over K/V heads, never copying K/V."""
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads = key.shape[1]
+    query = query.view(batch, kv_heads, heads // kv_heads, q_len, head_dim)  # [B, KV, G, Tq, D]
+    scores = torch.matmul(query, key.unsqueeze(2).transpose(-1, -2)) * scaling  # [B, KV, G, Tq, Tk]
+    scores = scores.view(batch, heads, q_len, -1)
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    grouped = weights.view(batch, kv_heads, heads // kv_heads, q_len, -1)
+    output = torch.matmul(grouped, value.unsqueeze(2)).view(batch, heads, q_len, head_dim)
+    return output.transpose(1, 2).contiguous(), weights  # [B, Tq, H, D]
+
+
+class BilingualGlmAttention(nn.Module):
+    """GQA self-attention with q/k/v bias; the kernel comes from transformers' attention registry."""
+
+    def __init__(self, config: BilingualGlmConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        q_size, kv_size = (
+            config.num_attention_heads * self.head_dim,
+            config.num_key_value_heads * self.head_dim,
+        )
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, q_len, _ = hidden_states.shape
+        hidden_shape = (batch, q_len, -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, D]
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, KV, T, D]
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, KV, T, D]
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, cos, sin), apply_rotary_pos_emb(key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        implementation = self.config._attn_implementation or "eager"
+        attention = eager_attention_forward
+        if implementation != "eager":
+            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        output, weights = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        output = output.reshape(batch, q_len, -1).contiguous()  # [B, T, H*D]
+        return self.o_proj(output), weights
+
+
+# ---------------------------------------------------------------------------------------------- MLP
+class BilingualGlmMLP(nn.Module):
+    """SwiGLU with one fused input projection: ``[gate | up]``, gate first (ChatGLM/GLM-4 layout)."""
+
+    def __init__(self, config: BilingualGlmConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
+
+
+# -------------------------------------------------------------------------------------------- layer
+class BilingualGlmDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: BilingualGlmConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = BilingualGlmAttention(config, layer_idx)
+        self.mlp = BilingualGlmMLP(config)
+        self.input_layernorm = BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, weights = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kwargs
+        )
+        hidden_states = hidden_states + attn_out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, weights
+
+
+# ------------------------------------------------------------------------------------ masks, positions
+def build_attention_mask(
+    padding_mask: torch.Tensor | None,
+    prefix_lengths: torch.Tensor | None,
+    batch: int,
+    q_len: int,
+    past_len: int,
+    kv_len: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Boolean ``[B, 1, Tq, Tk]`` mask (True = may attend) for causal attention with an open prefix.
+
+    Key ``j`` is visible to the query at absolute position ``i`` iff ``j <= i or j < prefix``, and ``j`` is
+    not padding. ``prefix_lengths=3``, 6 tokens::
+
+                 keys 0 1 2 3 4 5
+        query 0       1 1 1 . . .     Part A (0..2): bidirectional among itself,
+        query 1       1 1 1 . . .     cannot see Part B
+        query 2       1 1 1 . . .
+        query 3       1 1 1 1 . .     Part B: sees all of Part A, causal within itself
+        query 4       1 1 1 1 1 .
+        query 5       1 1 1 1 1 1
+
+    A query whose own key is padding still sees itself, so no softmax row is empty (no NaNs).
+    """
+    query_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]  # [Tq, 1]
+    key_pos = torch.arange(kv_len, device=device)[None, :]  # [1, Tk]
+    visible = (key_pos <= query_pos)[None]  # [1, Tq, Tk]
+    if prefix_lengths is not None:
+        prefix = prefix_lengths.to(device).view(-1, 1, 1)  # [B, 1, 1]
+        visible = visible | (key_pos[None] < prefix)
+    if padding_mask is not None:
+        keys = padding_mask.to(device=device, dtype=torch.bool)[:, -kv_len:]  # [B, <=Tk]
+        keys = F.pad(keys, (0, kv_len - keys.shape[1]), value=False)[:, None, :]  # [B, 1, Tk]
+        visible = visible & (keys | (key_pos == query_pos)[None])
+    return visible.expand(batch, q_len, kv_len)[:, None]  # [B, 1, Tq, Tk]
+
+
+def _kv_length(cache: Cache | None, past_len: int, q_len: int) -> int:
+    """Key length the mask must cover: a static cache attends over its whole preallocated length."""
+    max_len = getattr(cache, "max_cache_len", None) if cache is not None else None
+    if cache is not None and getattr(cache, "is_compileable", False) and isinstance(max_len, int):
+        return max_len
+    return past_len + q_len
+
+
+def _default_position_ids(
+    padding_mask: torch.Tensor | None, past_len: int, q_len: int, device: torch.device
+) -> torch.Tensor:
+    """Positions from the padding mask, so left-padded rows start at 0 like their unpadded selves."""
+    if padding_mask is None:
+        return torch.arange(past_len, past_len + q_len, device=device)[None]  # [1, T]
+    positions = padding_mask.long().cumsum(-1) - 1  # [B, past + T]
+    return positions.clamp(min=0)[:, -q_len:].to(device)
+
+
+# -------------------------------------------------------------------------------- PreTrainedModel
+class BilingualGlmPreTrainedModel(PreTrainedModel):
+    config_class = BilingualGlmConfig
+    config: BilingualGlmConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BilingualGlmDecoderLayer"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _supports_cache_class = True
+    _supports_static_cache = True
+    _can_compile_fullgraph = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise one module; transformers calls this only for weights a checkpoint did not provide.
+
+        | weight                                                 | init                        |
+        |--------------------------------------------------------|-----------------------------|
+        | every ``nn.Linear`` weight (q/k/v/o, gate_up, down,    | normal(0, initializer_range)|
+        |   lm_head, score)                                      |                             |
+        | q/k/v biases                                           | zeros                       |
+        | ``embed_tokens``                                       | normal(0, initializer_range)|
+        | RMSNorm weights                                        | ones                        |
+        | rotary ``inv_freq`` (non-persistent buffer)            | recomputed from rope_theta  |
+        """
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, BilingualGlmRMSNorm):
+            nn.init.ones_(module.weight)
+        elif isinstance(module, BilingualGlmRotaryEmbedding):
+            inv_freq, _ = module.compute_default_rope_parameters(module.config, module.inv_freq.device)
+            module.inv_freq.copy_(inv_freq)
+            module.original_inv_freq.copy_(inv_freq)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Also write the code as flat files and an ``auto_map``: the folder then loads anywhere.
+
+        ``push_to_hub`` goes through here too, so what is uploaded is exactly this self-contained folder.
+        """
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            write_remote_code(save_directory)
+
+
+# ------------------------------------------------------------------------------------------- Model
+class BilingualGlmModel(BilingualGlmPreTrainedModel):
+    def __init__(self, config: BilingualGlmConfig) -> None:
+        super().__init__(config)
+        config.validate_bilingual_glm()
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [BilingualGlmDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = BilingualGlmRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        prefix_lengths: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPast | tuple:
+        r"""
+        position_ids (`[B, T]` or `[B, 2, T]`): token positions, optionally with GLM block positions as
+            row 1. Default: counted from ``attention_mask`` (left padding safe) and the cache length.
+        prefix_lengths (`[B]`): key columns ``< prefix_lengths[b]`` are visible to every query of row ``b``
+            (GLM Part A). Columns count from the start of the whole sequence, cache included.
+        cache / past_key_values: a transformers ``Cache`` (``DynamicCache``, ``StaticCache``).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        cache = cache if cache is not None else past_key_values
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        output_attentions = (
+            output_attentions if output_attentions is not None else self.config.output_attentions
+        )
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        batch, q_len, _ = inputs_embeds.shape
+        past_len = cache.get_seq_length() if cache is not None else 0
+        device = inputs_embeds.device
+
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask  # a ready custom mask is used as given
+        else:
+            mask = self._prepare_mask(
+                attention_mask, prefix_lengths, cache, batch, q_len, past_len, inputs_embeds
+            )
+        if position_ids is None:
+            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            position_ids = _default_position_ids(padding, past_len, q_len, device)
+        self._check_positions(position_ids)
+        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
+
+        hidden_states = inputs_embeds
+        all_hidden, all_attentions = (), ()
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden += (hidden_states,)
+            hidden_states, weights = layer(hidden_states, position_embeddings, mask, cache, **kwargs)
+            if output_attentions:
+                all_attentions += (weights,)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden += (hidden_states,)
+
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden or None,
+            attentions=all_attentions or None,
+            **{_CACHE_FIELD: cache if use_cache else None},
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _prepare_mask(
+        self,
+        attention_mask: torch.Tensor | None,
+        prefix_lengths: torch.Tensor | None,
+        cache: Cache | None,
+        batch: int,
+        q_len: int,
+        past_len: int,
+        inputs_embeds: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """The mask in the form the chosen kernel wants: None (pure causal), padding-only 2D, or 4D."""
+        implementation = self.config._attn_implementation or "eager"
+        kv_len = _kv_length(cache, past_len, q_len)
+        no_padding = attention_mask is None or bool(attention_mask.all())
+        if implementation.startswith("flash") or "flash" in implementation:
+            if prefix_lengths is not None:
+                raise ValueError(
+                    "prefix_lengths: flash attention kernels are causal-only; load the model with "
+                    "attn_implementation='sdpa', 'eager' or 'flex_attention' for GLM prefix attention"
+                )
+            return None if no_padding else attention_mask
+        if prefix_lengths is not None:
+            prefix_lengths = torch.as_tensor(prefix_lengths, device=inputs_embeds.device)
+            if prefix_lengths.shape != (batch,):
+                raise ValueError(
+                    f"prefix_lengths must have shape [batch]=[{batch}], got {tuple(prefix_lengths.shape)}"
+                )
+        plain_causal = prefix_lengths is None and no_padding and (q_len == 1 or kv_len == q_len)
+        if plain_causal and implementation == "sdpa":
+            return None  # SDPA's own is_causal path is the fastest
+        if q_len == 1 and prefix_lengths is None and no_padding and kv_len == past_len + 1:
+            return None  # one new token attends to everything
+        mask = build_attention_mask(
+            attention_mask, prefix_lengths, batch, q_len, past_len, kv_len, inputs_embeds.device
+        )
+        if implementation == "sdpa":
+            return mask
+        zero = torch.zeros((), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+        return torch.where(mask, zero, torch.finfo(inputs_embeds.dtype).min)  # additive for eager/flex
+
+    def _check_positions(self, position_ids: torch.Tensor) -> None:
+        """2D positions need a second rotary slice in each head."""
+        if position_ids.dim() == 3:
+            if position_ids.shape[1] != 2:
+                raise ValueError(
+                    f"position_ids must be [B, T] or [B, 2, T] (position, block position); "
+                    f"got shape {tuple(position_ids.shape)}"
+                )
+            if 2 * self.config.rotary_dim > self.config.head_dim:
+                raise ValueError(
+                    "position_ids: 2D (block) positions need partial_rotary_factor <= 0.5 so that a second "
+                    f"rotary slice fits in head_dim; this config has {self.config.partial_rotary_factor}"
+                )
+        elif position_ids.dim() != 2:
+            raise ValueError(
+                f"position_ids must be [B, T] or [B, 2, T], got shape {tuple(position_ids.shape)}"
+            )
+
+
+# ------------------------------------------------------------------------------------------- heads
+def _keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """HF ``logits_to_keep``: 0 keeps all positions, k > 0 the last k, a 1D tensor the given indices."""
+    if isinstance(logits_to_keep, int):
+        return hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:]
+    return hidden_states[:, logits_to_keep]
+
+
+class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: BilingualGlmConfig) -> None:
+        super().__init__(config)
+        self.model = BilingualGlmModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        prefix_lengths: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        return_logits: bool = True,
+        return_dict: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast | tuple:
+        r"""
+        labels (`[B, T]`): next-token targets, unshifted as in every HF causal LM, ``-100`` = no loss.
+            ``shift_labels`` (already shifted, same shape) may be passed instead.
+        return_logits: with ``False`` and labels given, logits are computed only at supervised positions
+            (for the loss) and not returned — GLM blank infilling supervises only Part B.
+        num_items_in_batch (kwarg from ``Trainer``): the loss is summed and divided by it, so gradient
+            accumulation and multi-GPU give the same loss as one big batch.
+        """
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            prefix_lengths=prefix_lengths,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        loss = None
+        if labels is not None or shift_labels is not None:
+            if shift_labels is None:
+                shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]: target of each position
+            loss = self._supervised_loss(hidden_states, shift_labels, num_items_in_batch)
+        logits = None
+        if return_logits or loss is None:
+            logits = self.lm_head(_keep(hidden_states, logits_to_keep))
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _supervised_loss(
+        self, hidden_states: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch: Any
+    ) -> torch.Tensor:
+        """Cross-entropy over supervised positions only: the vocabulary projection runs on those rows."""
+        shift_labels = shift_labels.to(hidden_states.device)
+        supervised = shift_labels != -100  # [B, T]
+        logits = self.lm_head(hidden_states[supervised]).float()  # [N, V]
+        loss = F.cross_entropy(logits, shift_labels[supervised], reduction="sum")
+        if num_items_in_batch is None:
+            num_items_in_batch = supervised.sum().clamp(min=1)
+        if torch.is_tensor(num_items_in_batch):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        return loss / num_items_in_batch
+
+    def _update_model_kwargs_for_generation(
+        self, outputs: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        """Advance 2D positions GLM's way: the position stays at the mask, the block position counts up."""
+        position_ids = model_kwargs.get("position_ids")
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if position_ids is not None and position_ids.dim() == 3:
+            num_new = kwargs.get("num_new_tokens", args[1] if len(args) > 1 else 1)
+            steps = torch.arange(1, num_new + 1, device=position_ids.device)  # [N]
+            next_position = position_ids[:, 0, -1:].expand(-1, num_new)  # [B, N]
+            next_block = position_ids[:, 1, -1:] + steps  # [B, N]
+            model_kwargs["position_ids"] = torch.cat(
+                (position_ids, torch.stack((next_position, next_block), dim=1)), dim=-1
+            )  # [B, 2, T + N]
+        return model_kwargs
+
+
+class BilingualGlmForSequenceClassification(BilingualGlmPreTrainedModel):
+    """Classifies from the hidden state of each row's last real token (left or right padding)."""
+
+    def __init__(self, config: BilingualGlmConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = BilingualGlmModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        prefix_lengths: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        kwargs.pop("num_items_in_batch", None)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            prefix_lengths=prefix_lengths,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        logits = self.score(outputs.last_hidden_state)  # [B, T, num_labels]
+        last = self._last_token_index(input_ids, attention_mask, logits.shape[:2])
+        pooled_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]  # [B, num_labels]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config
+            )
+        output = SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def _last_token_index(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, shape: torch.Size
+    ) -> torch.Tensor:
+        """Last column holding a real token: from the attention mask, else pad ids, else the last column."""
+        batch, length = shape
+        columns = torch.arange(length, device=self.score.weight.device)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            real = attention_mask.to(columns.device).bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids.to(columns.device) != self.config.pad_token_id
+        else:
+            return torch.full((batch,), length - 1, device=columns.device)
+        return (columns * real).argmax(-1)
+
+
+# ----------------------------------------------------------------------------------- remote code
+AUTO_MAP = {
+    "AutoConfig": "configuration_bilingual_glm.BilingualGlmConfig",
+    "AutoModel": "modeling_bilingual_glm.BilingualGlmModel",
+    "AutoModelForCausalLM": "modeling_bilingual_glm.BilingualGlmForCausalLM",
+    "AutoModelForSequenceClassification": "modeling_bilingual_glm.BilingualGlmForSequenceClassification",
+}
+_PACKAGE_IMPORT = "from ..configuration.configuration_bilingual_glm import BilingualGlmConfig"
+_FLAT_IMPORT = "from .configuration_bilingual_glm import BilingualGlmConfig"
+
+
+def write_remote_code(save_directory: str | os.PathLike) -> None:
+    """Write this file and the config file side by side, with the one relative import made flat.
+
+    transformers' ``custom_object_save`` copies only same-folder relative imports, and the package keeps
+    the two files in separate folders, so the export writes them itself (atomically: temp file, rename).
+    """
+    sources = {
+        "modeling_bilingual_glm.py": inspect.getsource(inspect.getmodule(BilingualGlmPreTrainedModel)),
+        "configuration_bilingual_glm.py": inspect.getsource(inspect.getmodule(BilingualGlmConfig)),
+    }
+    sources["modeling_bilingual_glm.py"] = sources["modeling_bilingual_glm.py"].replace(
+        _PACKAGE_IMPORT, _FLAT_IMPORT, 1
+    )
+    os.makedirs(save_directory, exist_ok=True)
+    for name, text in sources.items():
+        handle, tmp_path = tempfile.mkstemp(dir=save_directory, prefix=f".{name}.", suffix=".tmp")
+        with os.fdopen(handle, "w", encoding="utf-8") as tmp:
+            tmp.write(text)
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, os.path.join(save_directory, name))
+
+
+__all__ = [
+    "BilingualGlmPreTrainedModel",
+    "BilingualGlmModel",
+    "BilingualGlmForCausalLM",
+    "BilingualGlmForSequenceClassification",
+    "build_attention_mask",
+    "write_remote_code",
+]

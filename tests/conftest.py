@@ -1,0 +1,34 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import bilingual_glm  # noqa: E402
+
+# Shapes varied across the parity tests: GQA ratios, tied/untied, head_dim != hidden/heads.
+RANDOM_CONFIGS = [
+    dict(),
+    dict(num_key_value_heads=4),
+    dict(num_key_value_heads=1, head_dim=24, tie_word_embeddings=True),
+    dict(num_attention_heads=6, num_key_value_heads=3, head_dim=8, hidden_size=40, attention_bias=False),
+    dict(num_hidden_layers=3, partial_rotary_factor=0.25, rope_theta=500000.0, rms_norm_eps=1e-6),
+]
+
+
+def perturbed_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+    """Tiny causal LM with every weight moved off its init (norms are ones, biases zero otherwise)."""
+    torch.manual_seed(seed)
+    config = bilingual_glm.BilingualGlmConfig.from_preset("tiny", **overrides)
+    model = bilingual_glm.BilingualGlmForCausalLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    return perturbed_model()

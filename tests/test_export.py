@@ -1,0 +1,71 @@
+"""The exported folder is self-contained: it loads through remote code with the package unimportable."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import perturbed_model
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECK = ROOT / "scripts" / "check_remote_code.py"
+
+
+def export_with_expectations(folder: Path, expected: Path) -> None:
+    model = perturbed_model(seed=9)
+    model.save_pretrained(folder)
+    ids = torch.randint(11, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits
+        greedy = model.generate(ids[:1, :4], max_new_tokens=8, do_sample=False)
+    torch.save({"input_ids": ids, "logits": logits, "greedy": greedy}, expected)
+
+
+def test_export_writes_flat_code_with_relative_import_only(tmp_path):
+    export_with_expectations(tmp_path / "model", tmp_path / "expected.pt")
+    modeling = (tmp_path / "model" / "modeling_bilingual_glm.py").read_text()
+    assert "from .configuration_bilingual_glm import BilingualGlmConfig" in modeling
+    imports = [line for line in modeling.splitlines() if line.startswith(("import ", "from "))]
+    assert all(
+        line.split()[1].split(".")[0]
+        in {"__future__", "inspect", "os", "tempfile", "typing", "torch", "transformers", ""}
+        for line in imports
+    ), imports
+    assert "auto_map" in (tmp_path / "model" / "config.json").read_text()
+
+
+def test_exported_folder_loads_without_the_package(tmp_path):
+    export_with_expectations(tmp_path / "model", tmp_path / "expected.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # fresh remote-code module cache
+    result = subprocess.run(
+        [sys.executable, "-I", str(CHECK), str(tmp_path / "model"), str(tmp_path / "expected.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "greedy_equal=True" in result.stdout
+
+
+@pytest.mark.slow
+def test_exported_folder_loads_in_a_venv_with_only_torch_transformers_safetensors(tmp_path):
+    export_with_expectations(tmp_path / "model", tmp_path / "expected.pt")
+    result = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "scripts" / "check_export_venv.sh"),
+            str(tmp_path / "model"),
+            str(tmp_path / "expected.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

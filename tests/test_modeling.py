@@ -1,0 +1,367 @@
+"""Tiny-config model tester: shapes, masks, positions, cache, generation, kernels, checkpointing, heads."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    DynamicCache,
+)
+
+import bilingual_glm
+from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM, BilingualGlmForSequenceClassification
+from bilingual_glm.modeling.modeling_bilingual_glm import build_attention_mask
+
+from .conftest import perturbed_model
+
+VOCAB = BilingualGlmConfig.from_preset("tiny").vocab_size
+
+
+def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(11, VOCAB, (batch, length), generator=generator)
+
+
+# ------------------------------------------------------------------------------------ auto classes
+def test_auto_classes_build_our_models():
+    config = AutoConfig.for_model("bilingual_glm", **bilingual_glm.PRESETS["tiny"])
+    assert isinstance(config, BilingualGlmConfig)
+    assert isinstance(AutoModelForCausalLM.from_config(config), BilingualGlmForCausalLM)
+    assert type(AutoModel.from_config(config)).__name__ == "BilingualGlmModel"
+    classifier = AutoModelForSequenceClassification.from_config(config)
+    assert isinstance(classifier, BilingualGlmForSequenceClassification)
+
+
+def test_presets_have_the_documented_sizes():
+    def count(name: str) -> int:
+        with torch.device("meta"):
+            model = BilingualGlmForCausalLM(BilingualGlmConfig.from_preset(name))
+        return sum(p.numel() for p in model.parameters())
+
+    assert count("tiny") < 1_000_000
+    assert 10e6 <= count("small") <= 30e6
+    assert 95e6 <= count("base") <= 125e6
+    assert 9.0e9 <= count("glm-4-9b") <= 9.8e9
+
+
+# ------------------------------------------------------------------------------------------ shapes
+def test_forward_shapes_hidden_states_and_attentions(tiny_model):
+    tiny_model.config._attn_implementation = "eager"
+    out = tiny_model(tokens(2, 7), output_hidden_states=True, output_attentions=True)
+    config = tiny_model.config
+    assert out.logits.shape == (2, 7, config.vocab_size)
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
+    assert out.hidden_states[-1].shape == (2, 7, config.hidden_size)
+    assert out.attentions[0].shape == (2, config.num_attention_heads, 7, 7)
+    assert torch.allclose(out.attentions[0].sum(-1), torch.ones(2, config.num_attention_heads, 7))
+
+
+def test_forward_is_deterministic(tiny_model):
+    ids = tokens(2, 9)
+    assert torch.equal(tiny_model(ids).logits, tiny_model(ids).logits)
+
+
+def test_return_dict_false_gives_tuple(tiny_model):
+    ids = tokens(1, 5)
+    logits = tiny_model(ids, return_dict=False, use_cache=False)[0]
+    assert torch.equal(logits, tiny_model(ids).logits)
+
+
+def test_logits_to_keep(tiny_model):
+    ids = tokens(2, 8)
+    full = tiny_model(ids).logits
+    assert torch.allclose(tiny_model(ids, logits_to_keep=1).logits, full[:, -1:], atol=1e-6)
+    picked = torch.tensor([0, 3])
+    assert torch.allclose(tiny_model(ids, logits_to_keep=picked).logits, full[:, picked], atol=1e-6)
+
+
+# -------------------------------------------------------------------------------------------- loss
+def test_loss_is_shifted_cross_entropy_with_ignore_index(tiny_model):
+    ids = tokens(2, 10)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    out = tiny_model(ids, labels=labels)
+    expected = F.cross_entropy(
+        out.logits[:, :-1].reshape(-1, VOCAB).float(), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    sparse = tiny_model(ids, labels=labels, return_logits=False)
+    assert sparse.logits is None and torch.allclose(sparse.loss, expected, atol=1e-6)
+    # Trainer's num_items_in_batch: sum of token losses divided by the given count
+    n_tokens = (labels[:, 1:] != -100).sum()
+    summed = tiny_model(ids, labels=labels, num_items_in_batch=torch.tensor(1)).loss
+    assert torch.allclose(summed / n_tokens, expected, atol=1e-6)
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+    assert torch.allclose(tiny_model(ids, shift_labels=shifted).loss, expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- 2D positions
+def test_zero_block_positions_equal_1d_positions(tiny_model):
+    ids = tokens(2, 9)
+    positions = torch.arange(9).expand(2, 9)
+    two_d = torch.stack((positions, torch.zeros_like(positions)), dim=1)  # [B, 2, T]
+    assert torch.equal(
+        tiny_model(ids, position_ids=two_d).logits, tiny_model(ids, position_ids=positions).logits
+    )
+
+
+def test_block_positions_change_outputs(tiny_model):
+    ids = tokens(1, 6)
+    positions = torch.tensor([[0, 1, 2, 3, 3, 3]])
+    zero = torch.stack((positions, torch.zeros_like(positions)), dim=1)
+    blocks = torch.stack((positions, torch.tensor([[0, 0, 0, 0, 1, 2]])), dim=1)
+    first, second = tiny_model(ids, position_ids=zero).logits, tiny_model(ids, position_ids=blocks).logits
+    assert torch.equal(first[:, :4], second[:, :4])
+    assert not torch.allclose(first[:, 4:], second[:, 4:])
+
+
+# ------------------------------------------------------------------------------------ prefix masks
+def test_mask_builder_matches_the_documented_picture():
+    mask = build_attention_mask(None, torch.tensor([3]), 1, 6, 0, 6, torch.device("cpu"))[0, 0]
+    expected = torch.tensor(
+        [
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 0],
+            [1, 1, 1, 1, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(mask, expected)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_prefix_is_bidirectional_and_blind_to_what_follows(tiny_model, implementation):
+    tiny_model.config._attn_implementation = implementation
+    ids = tokens(2, 10)
+    prefix = torch.tensor([4, 6])
+    base = tiny_model(ids, prefix_lengths=prefix).logits
+    changed = ids.clone()
+    changed[0, 4:] = tokens(1, 6, seed=7)
+    changed[1, 6:] = tokens(1, 4, seed=8)
+    after = tiny_model(changed, prefix_lengths=prefix).logits
+    assert torch.equal(base[0, :4], after[0, :4]) and torch.equal(base[1, :6], after[1, :6])
+    # inside the prefix, an early position sees a later prefix token
+    early = ids.clone()
+    early[0, 3] = (early[0, 3] + 1) % VOCAB
+    assert not torch.allclose(tiny_model(early, prefix_lengths=prefix).logits[0, 0], base[0, 0])
+    # after the prefix attention is causal: a later token never changes an earlier one
+    late = ids.clone()
+    late[0, 8] = (late[0, 8] + 1) % VOCAB
+    assert torch.equal(tiny_model(late, prefix_lengths=prefix).logits[0, :8], base[0, :8])
+
+
+def test_full_length_prefix_is_a_bidirectional_encoder(tiny_model):
+    ids = tokens(1, 8)
+    full = torch.tensor([8])
+    base = tiny_model(ids, prefix_lengths=full).logits
+    changed = ids.clone()
+    changed[0, -1] = (changed[0, -1] + 1) % VOCAB
+    assert not torch.allclose(tiny_model(changed, prefix_lengths=full).logits[0, 0], base[0, 0])
+
+
+def test_zero_prefix_is_plain_causal(tiny_model):
+    ids = tokens(2, 7)
+    assert torch.allclose(
+        tiny_model(ids, prefix_lengths=torch.tensor([0, 0])).logits, tiny_model(ids).logits, atol=1e-6
+    )
+
+
+def test_custom_4d_mask_is_used_as_given(tiny_model):
+    tiny_model.config._attn_implementation = "eager"
+    ids = tokens(1, 6)
+    bool_mask = build_attention_mask(None, torch.tensor([3]), 1, 6, 0, 6, torch.device("cpu"))
+    additive = torch.zeros(bool_mask.shape).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
+    assert torch.allclose(
+        tiny_model(ids, attention_mask=additive).logits,
+        tiny_model(ids, prefix_lengths=torch.tensor([3])).logits,
+        atol=1e-6,
+    )
+
+
+# --------------------------------------------------------------------------------- kernels agree
+def test_eager_and_sdpa_agree_with_padding_prefix_and_2d_positions(tiny_model):
+    ids = tokens(2, 9)
+    padding = torch.ones(2, 9, dtype=torch.long)
+    padding[1, :3] = 0
+    positions = torch.stack((torch.arange(9).expand(2, 9), torch.randint(0, 3, (2, 9))), dim=1)
+    kwargs = dict(attention_mask=padding, position_ids=positions, prefix_lengths=torch.tensor([5, 6]))
+    results = {}
+    for implementation in ("eager", "sdpa"):
+        tiny_model.config._attn_implementation = implementation
+        results[implementation] = tiny_model(ids, **kwargs).logits
+    real = padding.bool()
+    assert torch.allclose(results["eager"][real], results["sdpa"][real], atol=1e-5)
+    assert not results["sdpa"].isnan().any()
+
+
+# ----------------------------------------------------------------------------------------- cache
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_incremental_decoding_matches_full_forward(tiny_model, implementation):
+    tiny_model.config._attn_implementation = implementation
+    ids = tokens(2, 12)
+    full = tiny_model(ids).logits
+    cache = DynamicCache()
+    first = tiny_model(ids[:, :7], cache=cache, use_cache=True)
+    steps = [first.logits]
+    for t in range(7, 12):
+        steps.append(tiny_model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
+    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+
+
+def test_greedy_generation_same_with_and_without_cache(tiny_model):
+    prompt = tokens(1, 5)
+    with_cache = tiny_model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+    without = tiny_model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_static_cache_generation_equals_dynamic(tiny_model):
+    prompt = tokens(1, 5)
+    dynamic = tiny_model.generate(prompt, max_new_tokens=8, do_sample=False)
+    static = tiny_model.generate(prompt, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    assert torch.equal(dynamic, static)
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_left_padded_batch_generation_equals_unbatched(tiny_model, implementation):
+    tiny_model.config._attn_implementation = implementation
+    long_prompt, short_prompt = tokens(1, 8, seed=3), tokens(1, 5, seed=4)
+    pad = tiny_model.config.pad_token_id
+    batch = torch.cat((long_prompt, F.pad(short_prompt, (3, 0), value=pad)))
+    mask = torch.cat((torch.ones(1, 8), F.pad(torch.ones(1, 5), (3, 0)))).long()
+    batched = tiny_model.generate(batch, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    alone = tiny_model.generate(short_prompt, max_new_tokens=10, do_sample=False)
+    assert torch.equal(batched[1, 3:], alone[0])
+    assert torch.equal(batched[0], tiny_model.generate(long_prompt, max_new_tokens=10, do_sample=False)[0])
+
+
+def test_sampling_and_beam_search_run(tiny_model):
+    prompt = tokens(2, 4)
+    torch.manual_seed(0)
+    sampled = tiny_model.generate(prompt, max_new_tokens=5, do_sample=True, top_k=20)
+    beams = tiny_model.generate(prompt, max_new_tokens=5, num_beams=3, do_sample=False)
+    assert sampled.shape == beams.shape == (2, 9)
+
+
+def test_2d_positions_advance_glm_style_during_generation(tiny_model):
+    """Infilling: the position stays at the mask, the block position counts 1, 2, 3, ..."""
+    tiny_model.config._attn_implementation = "sdpa"
+    ids = tokens(1, 6)
+    ids[0, 5] = tiny_model.config.sop_token_id
+    positions = torch.tensor([[[0, 1, 2, 3, 4, 2], [0, 0, 0, 0, 0, 1]]])  # <sop> sits at mask position 2
+    prefix = torch.tensor([5])
+    generated = tiny_model.generate(
+        ids, position_ids=positions, prefix_lengths=prefix, max_new_tokens=4, do_sample=False
+    )
+    # reference: greedy decoding by hand with the positions GLM prescribes, no cache
+    seq, pos = ids, positions
+    for _ in range(4):
+        next_token = tiny_model(seq, position_ids=pos, prefix_lengths=prefix).logits[:, -1].argmax(-1)
+        seq = torch.cat((seq, next_token[:, None]), dim=1)
+        pos = torch.cat((pos, torch.tensor([[[2], [pos[0, 1, -1].item() + 1]]])), dim=-1)
+    assert torch.equal(generated, seq)
+
+
+# ---------------------------------------------------------------------------- gradient checkpoint
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = tokens(2, 8)
+
+    def gradients(checkpointing: bool) -> dict:
+        model = perturbed_model().train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(ids, labels=ids).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters()}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    for name, grad in plain.items():
+        assert torch.allclose(grad, checkpointed[name], atol=1e-6), name
+
+
+def test_bf16_forward_close_to_fp32():
+    ids = tokens(2, 8)
+    fp32 = perturbed_model()(ids).logits
+    bf16 = perturbed_model(dtype=torch.bfloat16)(ids).logits
+    assert bf16.dtype == torch.bfloat16
+    assert (bf16.float() - fp32).abs().max() < 0.1
+
+
+# ------------------------------------------------------------------------------ classification head
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_classifier_pools_last_real_token_for_either_padding_side(side):
+    torch.manual_seed(0)
+    config = BilingualGlmConfig.from_preset("tiny", num_labels=3)
+    model = BilingualGlmForSequenceClassification(config).eval()
+    short, long = tokens(1, 4), tokens(1, 7, seed=2)
+    pad = (3, 0) if side == "left" else (0, 3)
+    ids = torch.cat((long, F.pad(short, pad, value=config.pad_token_id)))
+    mask = torch.cat((torch.ones(1, 7), F.pad(torch.ones(1, 4), pad))).long()
+    batched = model(ids, attention_mask=mask).logits
+    assert torch.allclose(batched[1], model(short).logits[0], atol=1e-5)
+    assert torch.allclose(batched[0], model(long).logits[0], atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("problem_type", "labels"),
+    [
+        ("single_label_classification", torch.tensor([0, 2])),
+        ("multi_label_classification", torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])),
+        ("regression", torch.tensor([[0.5, 1.0, -1.0], [0.0, 2.0, 1.0]])),
+    ],
+)
+def test_classifier_problem_types(problem_type, labels):
+    config = BilingualGlmConfig.from_preset("tiny", num_labels=3, problem_type=problem_type)
+    model = BilingualGlmForSequenceClassification(config)
+    out = model(tokens(2, 5), labels=labels)
+    logits = out.logits
+    expected = {
+        "single_label_classification": lambda: F.cross_entropy(logits, labels),
+        "multi_label_classification": lambda: F.binary_cross_entropy_with_logits(logits, labels),
+        "regression": lambda: F.mse_loss(logits, labels),
+    }[problem_type]()
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- save and load
+def test_save_load_round_trip_in_process(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= names
+    assert {"configuration_bilingual_glm.py", "modeling_bilingual_glm.py"} <= names
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(reloaded, BilingualGlmForCausalLM)  # the installed class, no trust_remote_code
+    ids = tokens(2, 6)
+    assert torch.equal(reloaded(ids).logits, tiny_model(ids).logits)
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
+    assert classifier.model.embed_tokens.weight.data_ptr() != 0
+    assert torch.equal(classifier.model.embed_tokens.weight, tiny_model.model.embed_tokens.weight)
+
+
+def test_tied_embeddings_stay_tied_after_reload(tmp_path):
+    model = perturbed_model(tie_word_embeddings=True)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    reloaded = BilingualGlmForCausalLM.from_pretrained(tmp_path)
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+
+
+# ------------------------------------------------------------------------------------- bad inputs
+def test_bad_position_and_prefix_shapes_raise(tiny_model):
+    ids = tokens(2, 5)
+    with pytest.raises(ValueError, match="position_ids"):
+        tiny_model(ids, position_ids=torch.zeros(2, 3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        tiny_model(ids, prefix_lengths=torch.tensor([1, 2, 3]))
+
+
+def test_block_positions_need_room_in_the_head():
+    model = perturbed_model(partial_rotary_factor=1.0)
+    positions = torch.zeros(1, 2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="partial_rotary_factor"):
+        model(tokens(1, 4), position_ids=positions)
