@@ -1,0 +1,182 @@
+"""End-to-end train.py runs on the tiny preset: every objective, the 2-process CPU path, outputs reloaded."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import bilingual_glm  # noqa: F401  (registers the Auto classes)
+from bilingual_glm.corpora import load_demo_corpus
+from bilingual_glm.infill import infill
+from bilingual_glm.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--preset", "tiny", "--block_size", "64", "--per_device_train_batch_size", "8"]
+QUICK += [
+    "--max_train_documents",
+    "1500",
+    "--eval_blocks",
+    "8",
+    "--num_proc",
+    "1",
+    "--sample_new_tokens",
+    "8",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """One small tokenizer shared by the runs, so each run skips tokenizer training."""
+    path = tmp_path_factory.mktemp("tokenizer")
+    texts = load_demo_corpus("train").shuffle(seed=0).select(range(1500))["text"]
+    train_tokenizer(texts, vocab_size=1024).save_pretrained(path)
+    return path
+
+
+def run_train(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = (launcher or [sys.executable]) + [str(ROOT / "train.py"), *QUICK, *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def read_log(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_glm_objective_loss_falls_and_outputs_reload(tmp_path, tokenizer_dir):
+    out = tmp_path / "glm"
+    run_train(
+        [
+            "--objective",
+            "glm",
+            "--max_steps",
+            "40",
+            "--logging_steps",
+            "5",
+            "--output_dir",
+            str(out),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--learning_rate",
+            "3e-3",
+        ]
+    )
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "log.jsonl",
+        "run_config.json",
+        "loss.png",
+    ):
+        assert (out / name).is_file(), name
+    losses = [record["loss"] for record in read_log(out) if "loss" in record]
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.3, losses
+    final = read_log(out)[-1]
+    assert {"eval_ppl_zh", "eval_ppl_en"} <= set(final) and all(v > 1 for k, v in final.items() if "ppl" in k)
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["num_processes"] == 1 and run_config["objective"] == "glm"
+    # the saved folder is a complete model: Auto classes load it, its tokenizer too
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.gmask_token_id == tokenizer.convert_tokens_to_ids("[gMASK]")
+    assert model.config.vocab_size >= len(tokenizer)
+    assert (out / "modeling_bilingual_glm.py").is_file()
+
+
+@pytest.mark.parametrize("objective", ["clm", "mlm", "clm:0.5,glm:0.3,mlm:0.2"])
+def test_other_objectives_run(tmp_path, tokenizer_dir, objective):
+    out = tmp_path / "run"
+    run_train(
+        [
+            "--objective",
+            objective,
+            "--max_steps",
+            "4",
+            "--logging_steps",
+            "2",
+            "--output_dir",
+            str(out),
+            "--tokenizer",
+            str(tokenizer_dir),
+        ]
+    )
+    losses = [record["loss"] for record in read_log(out) if "loss" in record]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_two_process_cpu_run_records_num_processes(tmp_path, tokenizer_dir):
+    out = tmp_path / "ddp"
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    os.environ["ACCELERATE_USE_CPU"] = "1"
+    try:
+        run_train(
+            [
+                "--objective",
+                "glm",
+                "--max_steps",
+                "4",
+                "--logging_steps",
+                "2",
+                "--output_dir",
+                str(out),
+                "--tokenizer",
+                str(tokenizer_dir),
+                "--mixed_precision",
+                "no",
+            ],
+            launcher=launcher,
+        )
+    finally:
+        os.environ.pop("ACCELERATE_USE_CPU")
+    assert json.loads((out / "run_config.json").read_text())["num_processes"] == 2
+    assert (out / "model.safetensors").is_file()
+
+
+def test_bad_arguments_fail_with_one_clear_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for args, needle in [
+        (["--objective", "bert"], "--objective"),
+        (["--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path)], "no complete checkpoint"),
+        (["--train_files", str(tmp_path / "missing.txt")], "missing.txt"),
+    ]:
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode != 0 and needle in result.stderr, result.stderr[-2000:]
+
+
+def test_infill_replaces_every_blank_with_a_generated_span(tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = bilingual_glm.BilingualGlmConfig.from_preset("tiny")
+    torch.manual_seed(0)
+    model = bilingual_glm.BilingualGlmForCausalLM(config).eval()
+    text = "北京是[MASK]的首都，Paris is the capital of [MASK]."
+    filled, spans = infill(model, tokenizer, text, max_new_tokens=3, return_spans=True)
+    assert len(spans) == 2 and "[MASK]" not in filled
+    assert filled.startswith("北京是") and filled.endswith(".")

@@ -1,0 +1,515 @@
+"""Pretrain a BilingualGlm model from text with Accelerate: causal LM, GLM blank infilling, MLM.
+
+    python train.py                                        # small preset, embedded zh+en corpus
+    python train.py --preset tiny --objective glm --max_steps 40 --output_dir runs/tiny
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py --preset tiny ...
+    accelerate launch --config_file examples/accelerate/ddp.yaml train.py ...   # GPUs
+
+Reads top to bottom: arguments → accelerator → data (tokenizer, tokenize, pack) → model → loop
+(log, evaluate, checkpoint) → final save, held-out perplexity, samples. Outputs in ``--output_dir``:
+``log.jsonl`` (one JSON object per logged step), ``run_config.json``, ``loss.png``,
+``checkpoint-{step}/`` (``accelerator.save_state``) and the final model + tokenizer + code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+
+import bilingual_glm
+from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM
+from bilingual_glm.corpora import load_demo_corpus, load_text_files
+from bilingual_glm.data import BlankInfillingCollator, CausalCollator, MlmCollator, pack_causal
+from bilingual_glm.infill import infill
+from bilingual_glm.tokenizer import special_token_ids, train_tokenizer
+
+OBJECTIVES = ("clm", "glm", "mlm")
+
+
+@dataclass
+class TrainArguments:
+    """Everything a run depends on; logged to ``run_config.json`` with the resolved values."""
+
+    preset: str = field(default="small", metadata={"help": "Model size: tiny, small or base."})
+    objective: str = field(
+        default="clm:0.5,glm:0.5",
+        metadata={"help": "clm, glm, mlm, or a mixture drawn per step, e.g. 'clm:0.5,glm:0.5'."},
+    )
+    glm_mixture: str = field(
+        default="0.5,0.3,0.2",
+        metadata={"help": "GLM token/sentence/document span mixture, drawn per batch (GLM-10B's default)."},
+    )
+    max_steps: int = field(default=600, metadata={"help": "Optimizer steps."})
+    output_dir: str = field(default="runs/train-small", metadata={"help": "Where everything is written."})
+    seed: int = field(default=42, metadata={"help": "Seeds model init, data order and masking."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder to reuse; default: train one and save it."}
+    )
+    vocab_size: int | None = field(
+        default=None, metadata={"help": "Vocab of a newly trained tokenizer (default: the preset's)."}
+    )
+    train_files: list[str] | None = field(
+        default=None, metadata={"help": "Local .txt/.jsonl/.json/.parquet files instead of the demo corpus."}
+    )
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` name or local path."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Its configuration name."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the raw text."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (corpora larger than RAM)."})
+    max_train_documents: int | None = field(
+        default=None, metadata={"help": "Use only the first N training documents (quick experiments, tests)."}
+    )
+    validation_fraction: float = field(
+        default=0.02, metadata={"help": "Held-out share of --train_files/--dataset_name without a split."}
+    )
+    block_size: int = field(default=256, metadata={"help": "Tokens per packed training block."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Blocks per process per step."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
+    warmup_steps: int | None = field(default=None, metadata={"help": "Linear warmup (default 5% of steps)."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not norms/biases)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "no, bf16, fp16 or auto (bf16 where the hardware has it)."}
+    )
+    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
+    eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
+    eval_blocks: int = field(default=64, metadata={"help": "Held-out blocks per language for perplexity."})
+    save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: never)."})
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'latest' in --output_dir."}
+    )
+    num_proc: int = field(default=2, metadata={"help": "Processes for tokenization (datasets.map)."})
+    sample_new_tokens: int = field(default=40, metadata={"help": "Tokens per sample generation at the end."})
+
+
+# ----------------------------------------------------------------------------------------- setup
+def resolve_mixed_precision(choice: str) -> str:
+    """bf16 on GPUs that have it and on CPUs with AVX512-BF16/AMX (~4× fp32 matmul there)."""
+    if choice not in ("auto", "no", "bf16", "fp16"):
+        raise ValueError(f"--mixed_precision must be auto, no, bf16 or fp16, got {choice!r}")
+    if choice != "auto":
+        return choice
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "no"
+    return "bf16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "no"
+
+
+def parse_objectives(spec: str) -> dict[str, float]:
+    """'glm' → {glm: 1}; 'clm:0.5,glm:0.5' → weights."""
+    weights = {}
+    for part in spec.split(","):
+        name, _, weight = part.strip().partition(":")
+        if name not in OBJECTIVES:
+            raise ValueError(f"--objective: {name!r} is not one of {OBJECTIVES} (spec {spec!r})")
+        weights[name] = float(weight) if weight else 1.0
+    if not sum(weights.values()) > 0:
+        raise ValueError(f"--objective: weights must sum to > 0, got {spec!r}")
+    return weights
+
+
+def find_checkpoint(output_dir: Path, spec: str) -> Path:
+    """'latest' = highest complete checkpoint (temp folders of interrupted saves never qualify)."""
+    if spec != "latest":
+        path = Path(spec)
+        if not (path / "training_state.json").is_file():
+            raise ValueError(f"--resume_from_checkpoint: {path} is not a complete checkpoint folder")
+        return path
+    complete = [
+        path
+        for path in output_dir.glob("checkpoint-*")
+        if re.fullmatch(r"checkpoint-\d+", path.name) and (path / "training_state.json").is_file()
+    ]
+    if not complete:
+        raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint-* in {output_dir}")
+    return max(complete, key=lambda path: int(path.name.split("-")[1]))
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ data
+def load_raw(args: TrainArguments) -> tuple[Any, datasets.Dataset]:
+    """(train, validation) text datasets; validation keeps a `lang` column when the source has one."""
+    if args.train_files:
+        every = load_text_files(args.train_files)
+    elif args.dataset_name:
+        every = datasets.load_dataset(
+            args.dataset_name, args.dataset_config, split="train", streaming=args.streaming
+        )
+    else:
+        train, validation = load_demo_corpus("train"), load_demo_corpus("validation")
+        return _first(train, args.max_train_documents), validation
+    if args.text_column not in (every.column_names or []):
+        raise ValueError(
+            f"--text_column: {args.text_column!r} is not a column of the data ({every.column_names})"
+        )
+    if args.text_column != "text":
+        every = every.rename_column(args.text_column, "text")
+    if args.streaming:
+        held_out = datasets.Dataset.from_list(list(every.take(max(args.eval_blocks, 16))))
+        return every.skip(len(held_out)), held_out
+    split = every.train_test_split(test_size=args.validation_fraction, seed=0)
+    return _first(split["train"], args.max_train_documents), split["test"]
+
+
+def _first(dataset: datasets.Dataset, n: int | None) -> datasets.Dataset:
+    """The first n rows of a shuffled copy (demo corpora are sorted by language)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=0).select(range(n))
+
+
+def get_tokenizer(args: TrainArguments, train_text: Any, vocab_size: int) -> Any:
+    if args.tokenizer:
+        if not Path(args.tokenizer).is_dir():
+            raise ValueError(f"--tokenizer: {args.tokenizer} is not a folder")
+        return AutoTokenizer.from_pretrained(args.tokenizer)
+    texts = (row["text"] for row in train_text) if args.streaming else train_text["text"]
+    return train_tokenizer(texts, vocab_size=vocab_size, model_max_length=max(args.block_size * 4, 2048))
+
+
+def tokenize_and_pack(dataset: Any, tokenizer: Any, args: TrainArguments) -> Any:
+    """Batched, multi-process tokenization, then packing into `block_size` blocks."""
+    map_kwargs: dict[str, Any] = {} if args.streaming else {"num_proc": args.num_proc}
+    columns = dataset.column_names
+    tokenized = dataset.map(
+        lambda batch: {
+            "input_ids": tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
+        },
+        batched=True,
+        remove_columns=columns,
+        **map_kwargs,
+    )
+    return tokenized.map(
+        partial(pack_causal, block_size=args.block_size, eos_token_id=tokenizer.eos_token_id),
+        batched=True,
+        batch_size=1000,
+        remove_columns=["input_ids"],
+        **map_kwargs,
+    )
+
+
+def held_out_blocks(validation: datasets.Dataset, tokenizer: Any, args: TrainArguments) -> dict[str, Any]:
+    """Per-language packed blocks (one set named 'all' when the data has no `lang`)."""
+    langs = sorted(set(validation["lang"])) if "lang" in validation.column_names else ["all"]
+    blocks = {}
+    for lang in langs:
+        subset = (
+            validation if lang == "all" else validation.filter(lambda row, lang=lang: row["lang"] == lang)
+        )
+        subset = subset.select_columns(["text"])
+        packed = tokenize_and_pack(subset, tokenizer, TrainArguments(**{**asdict(args), "streaming": False}))
+        blocks[lang] = packed.select(range(min(args.eval_blocks, len(packed))))
+    return blocks
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module, blocks: datasets.Dataset, batch_size: int, accelerator: Accelerator
+) -> float:
+    """exp(mean next-token loss) with plain causal attention and per-document positions."""
+    model.eval()
+    collate = CausalCollator()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = collate([blocks[i] for i in range(start, min(start + batch_size, len(blocks)))])
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        with accelerator.autocast():
+            loss = model(**batch, return_logits=False, use_cache=False).loss
+        n = batch["labels"][:, 1:].numel()
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return math.exp(total / max(count, 1))
+
+
+# ------------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    (args,) = HfArgumentParser(TrainArguments).parse_args_into_dataclasses(args=argv)
+    output_dir = Path(args.output_dir)
+    mixed_precision = resolve_mixed_precision(args.mixed_precision)
+    objectives = parse_objectives(args.objective)
+    if args.preset not in bilingual_glm.PRESETS or args.preset == "glm-4-9b":
+        raise ValueError(f"--preset must be tiny, small or base, got {args.preset!r}")
+    resume_path = (
+        find_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    )
+
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(args.seed)
+    main_process = accelerator.is_main_process
+    if main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if not main_process:
+        datasets.disable_progress_bars()
+
+    # --- data
+    preset = bilingual_glm.PRESETS[args.preset]
+    with accelerator.main_process_first():
+        train_text, validation_text = load_raw(args)
+        tokenizer = get_tokenizer(args, train_text, args.vocab_size or preset["vocab_size"])
+        train_blocks = tokenize_and_pack(train_text, tokenizer, args)
+        eval_sets = held_out_blocks(validation_text, tokenizer, args)
+    if args.streaming:
+        train_blocks = datasets.distributed.split_dataset_by_node(
+            train_blocks, rank=accelerator.process_index, world_size=accelerator.num_processes
+        )
+    loader = torch.utils.data.DataLoader(
+        train_blocks,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=not args.streaming,
+        collate_fn=list,  # raw blocks: the objective's collator runs in the loop, seeded by step
+        drop_last=True,
+    )
+    collators = {
+        "clm": CausalCollator(),
+        "glm": BlankInfillingCollator(
+            tokenizer, mixture=tuple(float(x) for x in args.glm_mixture.split(","))
+        ),
+        "mlm": MlmCollator(tokenizer),
+    }
+
+    # --- model
+    vocab_size = max(preset["vocab_size"], len(tokenizer))
+    config = BilingualGlmConfig.from_preset(
+        args.preset, vocab_size=vocab_size, **special_token_ids(tokenizer)
+    )
+    model = BilingualGlmForCausalLM(config)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed_tokens" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.learning_rate,
+        betas=(0.9, 0.95),
+    )
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 20)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, args.max_steps)
+    if args.streaming:
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    step = 0
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        step = json.loads((resume_path / "training_state.json").read_text())["step"]
+    run_config = {
+        **asdict(args),
+        "mixed_precision_resolved": mixed_precision,
+        "num_processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "resumed_from": str(resume_path) if resume_path else None,
+        "parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
+        "model_config": config.to_dict(),
+        "versions": {"torch": torch.__version__, "transformers": sys.modules["transformers"].__version__},
+        "argv": sys.argv,
+    }
+    if main_process:
+        write_json_atomic(output_dir / "run_config.json", run_config)
+        if not args.tokenizer:
+            tokenizer.save_pretrained(output_dir / "tokenizer")
+        accelerator.print(
+            json.dumps({k: v for k, v in run_config.items() if k != "model_config"}, default=str)
+        )
+    log_path = output_dir / "log.jsonl"
+    history = _read_log(log_path, up_to_step=step) if main_process else []
+
+    # --- loop
+    objective_rng_seed = args.seed * 1_000_003
+    micro_batches = _micro_batches(loader, accelerator, args, step)
+    progress = tqdm(
+        total=args.max_steps, initial=step, disable=not main_process, desc="train", dynamic_ncols=True
+    )
+    window_tokens, window_loss, window_count, window_start = 0, 0.0, 0, time.perf_counter()
+    model.train()
+    while step < args.max_steps:
+        for _ in range(args.gradient_accumulation_steps):
+            examples = next(micro_batches)
+            objective = random.Random(objective_rng_seed + step).choices(
+                list(objectives), weights=list(objectives.values())
+            )[0]
+            collator = collators[objective]
+            if hasattr(collator, "reseed"):
+                collator.reseed(args.seed * 1_000_003 + step * 1_009 + accelerator.process_index)
+            batch = {k: v.to(accelerator.device) for k, v in collator(examples).items()}
+            with accelerator.accumulate(model):
+                loss = model(**batch, return_logits=False, use_cache=False).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} ({objective})")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            window_loss += loss.item()
+            window_count += 1
+            mask = batch.get("attention_mask")
+            window_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        step += 1
+        progress.update(1)
+        record: dict[str, Any] = {}
+        if step % args.logging_steps == 0 or step == args.max_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {
+                "step": step,
+                "loss": window_loss / window_count,
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_second": window_tokens * accelerator.num_processes / elapsed,
+                "objective": objective,
+            }
+            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            window_tokens, window_loss, window_count, window_start = 0, 0.0, 0, time.perf_counter()
+        if args.eval_steps and step % args.eval_steps == 0 and step != args.max_steps:
+            record = {"step": step, **record, **_evaluate(model, eval_sets, args, accelerator)}
+        if record and main_process:
+            history.append(record)
+            with log_path.open("a", encoding="utf-8") as log:
+                log.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if args.save_steps and step % args.save_steps == 0:
+            _save_checkpoint(accelerator, output_dir, step)
+    progress.close()
+
+    # --- final: held-out perplexity, save, samples
+    final_eval = {"step": step, **_evaluate(model, eval_sets, args, accelerator)}
+    if main_process:
+        history.append(final_eval)
+        with log_path.open("a", encoding="utf-8") as log:
+            log.write(json.dumps(final_eval, ensure_ascii=False) + "\n")
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.generation_config.eos_token_id = [tokenizer.eos_token_id]
+        unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
+        unwrapped.save_pretrained(output_dir)
+        tokenizer.save_pretrained(output_dir)
+        _plot_loss(history, output_dir / "loss.png")
+        accelerator.print("held-out: " + json.dumps({k: v for k, v in final_eval.items() if k != "step"}))
+        _print_samples(unwrapped, tokenizer, args, accelerator)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
+
+
+def _micro_batches(loader: Any, accelerator: Accelerator, args: TrainArguments, step: int):
+    """Endless micro-batches; on resume, skip exactly the ones the finished steps consumed."""
+    consumed = step * args.gradient_accumulation_steps
+    epoch = 0
+    if not args.streaming:
+        per_epoch = len(loader)
+        if per_epoch == 0:
+            raise ValueError("the training data yields no full batch: lower --per_device_train_batch_size")
+        epoch, consumed = divmod(consumed, per_epoch)
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        iterator = accelerator.skip_first_batches(loader, consumed) if consumed else loader
+        yield from iterator
+        consumed, epoch = 0, epoch + 1
+
+
+def _evaluate(model: Any, eval_sets: dict[str, Any], args: TrainArguments, accelerator: Accelerator) -> dict:
+    """Held-out perplexity per language, on the main process (others wait)."""
+    metrics = {}
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        for lang, blocks in eval_sets.items():
+            metrics[f"eval_ppl_{lang}"] = perplexity(
+                unwrapped, blocks, args.per_device_train_batch_size, accelerator
+            )
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+    """save_state into a temp folder, then one rename: `latest` never sees half a checkpoint."""
+    final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json_atomic(tmp / "training_state.json", {"step": step})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+def _read_log(path: Path, up_to_step: int) -> list[dict]:
+    """Earlier records of a resumed run, trimmed to the checkpoint's step (the rest is redone)."""
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    kept = [record for record in records if record.get("step", 0) <= up_to_step]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+    return kept
+
+
+def _plot_loss(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(r["step"], r["loss"]) for r in history if "loss" in r]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    if points:
+        axis.plot(*zip(*points, strict=True), label="train loss")
+    axis.set_xlabel("step")
+    axis.set_ylabel("loss")
+    axis.set_title(f"training loss ({path.parent.name})")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def _print_samples(model: Any, tokenizer: Any, args: TrainArguments, accelerator: Accelerator) -> None:
+    """Greedy continuations in both languages and one blank filled, to eyeball what was learned."""
+    model.eval()
+    for prompt in ("中国人民", "To be, or not to be"):
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(accelerator.device)
+        with torch.no_grad(), accelerator.autocast():
+            output = model.generate(
+                **ids, max_new_tokens=args.sample_new_tokens, do_sample=False, repetition_penalty=1.2
+            )
+        accelerator.print(f"sample: {tokenizer.decode(output[0], skip_special_tokens=True)!r}")
+    text = "新华社北京一月一日电，[MASK]发表了新年讲话。"
+    with accelerator.autocast():
+        filled, spans = infill(model, tokenizer, text, max_new_tokens=16, return_spans=True)
+    accelerator.print(f"infill: {text!r} -> {spans!r}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FloatingPointError) as error:  # bad input or a diverged run: one clear line
+        print(f"train.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
