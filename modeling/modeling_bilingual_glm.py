@@ -282,11 +282,13 @@ def build_attention_mask(
 
 
 def _kv_length(cache: Cache | None, past_len: int, q_len: int) -> int:
-    """Key length the mask must cover: a static cache attends over its whole preallocated length."""
-    max_len = getattr(cache, "max_cache_len", None) if cache is not None else None
-    if cache is not None and getattr(cache, "is_compileable", False) and isinstance(max_len, int):
-        return max_len
-    return past_len + q_len
+    """Key length the mask must cover (a static cache attends over its whole preallocated length)."""
+    if cache is None or not hasattr(cache, "get_mask_sizes"):
+        return past_len + q_len
+    try:  # transformers 5.x: (query_length, layer_idx)
+        return int(cache.get_mask_sizes(q_len, 0)[0])
+    except (AttributeError, TypeError):  # 4.x: (cache_position, layer_idx)
+        return int(cache.get_mask_sizes(torch.arange(past_len, past_len + q_len), 0)[0])
 
 
 def _default_position_ids(
@@ -406,15 +408,18 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if input_ids is not None and past_len == 0:
+            self._check_token_ids(input_ids)  # prefill and training only: decoding steps stay sync-free
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache()
         batch, q_len, _ = inputs_embeds.shape
-        past_len = cache.get_seq_length() if cache is not None else 0
         device = inputs_embeds.device
 
         if attention_mask is not None and attention_mask.dim() == 4:
+            self._check_4d_mask(attention_mask, batch, q_len, _kv_length(cache, past_len, q_len))
             mask = attention_mask  # a ready custom mask is used as given
         else:
             mask = self._prepare_mask(
@@ -423,7 +428,7 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
         if position_ids is None:
             padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             position_ids = _default_position_ids(padding, past_len, q_len, device)
-        self._check_positions(position_ids)
+        self._check_positions(position_ids, batch, q_len, check_values=past_len == 0)
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
 
         hidden_states = inputs_embeds
@@ -473,11 +478,15 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
                 raise ValueError(
                     f"prefix_lengths must have shape [batch]=[{batch}], got {tuple(prefix_lengths.shape)}"
                 )
-        plain_causal = prefix_lengths is None and no_padding and (q_len == 1 or kv_len == q_len)
-        if plain_causal and implementation == "sdpa":
-            return None  # SDPA's own is_causal path is the fastest
-        if q_len == 1 and prefix_lengths is None and no_padding and kv_len == past_len + 1:
-            return None  # one new token attends to everything
+            if past_len == 0 and (int(prefix_lengths.min()) < 0 or int(prefix_lengths.max()) > q_len):
+                raise ValueError(
+                    f"prefix_lengths must be in [0, sequence length={q_len}], got {prefix_lengths.tolist()}"
+                )
+        # No mask at all where none is needed: one new token seeing every cached key, or a fresh causal
+        # block under SDPA (its own is_causal path is the fastest). A static cache's spare slots need one.
+        plain = prefix_lengths is None and no_padding and kv_len == past_len + q_len
+        if plain and (q_len == 1 or (implementation == "sdpa" and past_len == 0)):
+            return None
         mask = build_attention_mask(
             attention_mask, prefix_lengths, batch, q_len, past_len, kv_len, inputs_embeds.device
         )
@@ -486,8 +495,37 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
         zero = torch.zeros((), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
         return torch.where(mask, zero, torch.finfo(inputs_embeds.dtype).min)  # additive for eager/flex
 
-    def _check_positions(self, position_ids: torch.Tensor) -> None:
-        """2D positions need a second rotary slice in each head."""
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """An id outside the vocabulary would fail deep in the embedding lookup (or silently on GPU)."""
+        if input_ids.numel() == 0:
+            return
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"input_ids: token id {bad} is outside [0, vocab_size={self.config.vocab_size}); "
+                "does the tokenizer match this model?"
+            )
+
+    @staticmethod
+    def _check_4d_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> None:
+        if mask.shape[0] not in (1, batch) or mask.shape[2] != q_len or mask.shape[3] != kv_len:
+            raise ValueError(
+                f"attention_mask: a 4D mask must be [batch={batch} or 1, 1 or heads, {q_len}, {kv_len}], "
+                f"got {tuple(mask.shape)}"
+            )
+
+    def _check_positions(
+        self, position_ids: torch.Tensor, batch: int, q_len: int, check_values: bool
+    ) -> None:
+        """Shapes always; values (one sync) only when not decoding. 2D positions need a second slice."""
+        if position_ids.shape[-1] != q_len or position_ids.shape[0] not in (1, batch):
+            raise ValueError(
+                f"position_ids must be [batch={batch}, {q_len}] or [batch, 2, {q_len}], "
+                f"got shape {tuple(position_ids.shape)}"
+            )
+        if check_values and position_ids.numel() and int(position_ids.min()) < 0:
+            raise ValueError(f"position_ids must be >= 0, got minimum {int(position_ids.min())}")
         if position_ids.dim() == 3:
             if position_ids.shape[1] != 2:
                 raise ValueError(
@@ -603,6 +641,10 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         return loss / num_items_in_batch
+
+    def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """Keep the 2D padding mask for static caches too: forward builds its own (prefix-aware) mask."""
+        return attention_mask
 
     def _update_model_kwargs_for_generation(
         self, outputs: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any

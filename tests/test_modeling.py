@@ -9,6 +9,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     DynamicCache,
+    StaticCache,
 )
 
 import bilingual_glm
@@ -365,3 +366,34 @@ def test_block_positions_need_room_in_the_head():
     positions = torch.zeros(1, 2, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="partial_rotary_factor"):
         model(tokens(1, 4), position_ids=positions)
+
+
+def test_token_ids_outside_the_vocabulary_are_named(tiny_model):
+    ids = tokens(1, 5)
+    ids[0, 2] = VOCAB + 7
+    with pytest.raises(ValueError, match=f"token id {VOCAB + 7} is outside \\[0, vocab_size={VOCAB}\\)"):
+        tiny_model(ids)
+    ids[0, 2] = -3
+    with pytest.raises(ValueError, match="token id -3"):
+        tiny_model(ids)
+
+
+def test_position_prefix_and_mask_values_are_checked(tiny_model):
+    ids = tokens(2, 5)
+    with pytest.raises(ValueError, match="position_ids must be >= 0"):
+        tiny_model(ids, position_ids=torch.full((2, 5), -1))
+    with pytest.raises(ValueError, match="position_ids must be"):
+        tiny_model(ids, position_ids=torch.arange(4).expand(2, 4))
+    with pytest.raises(ValueError, match="prefix_lengths must be in"):
+        tiny_model(ids, prefix_lengths=torch.tensor([2, 9]))
+    with pytest.raises(ValueError, match="attention_mask: a 4D mask"):
+        tiny_model(ids, attention_mask=torch.zeros(2, 1, 5, 4))
+
+
+def test_static_cache_decoding_masks_its_spare_slots(tiny_model):
+    prompt, next_token = tokens(1, 5), torch.tensor([[57]])
+    cache = StaticCache(config=tiny_model.config, max_cache_len=16)
+    tiny_model(prompt, cache=cache, use_cache=True)
+    step = tiny_model(next_token, cache=cache, use_cache=True).logits[0, -1]
+    full = tiny_model(torch.cat((prompt, next_token), dim=1)).logits[0, -1]
+    assert torch.allclose(step, full, atol=1e-5)
