@@ -19,6 +19,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -50,7 +51,7 @@ class TrainArguments:
     preset: str = field(default="small", metadata={"help": "Model size: tiny, small or base."})
     objective: str = field(
         default="clm:0.5,glm:0.5",
-        metadata={"help": "clm, glm, mlm, or a mixture drawn per step, e.g. 'clm:0.5,glm:0.5'."},
+        metadata={"help": "clm, glm, mlm, or a mixture drawn per batch, e.g. 'clm:0.5,glm:0.5'."},
     )
     glm_mixture: str = field(
         default="0.5,0.3,0.2",
@@ -94,6 +95,10 @@ class TrainArguments:
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: never)."})
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' in --output_dir."}
+    )
+    skip_nonfinite_batches: bool = field(
+        default=False,
+        metadata={"help": "Skip a batch whose gradient is NaN/Inf instead of stopping the run."},
     )
     num_proc: int = field(default=2, metadata={"help": "Processes for tokenization (datasets.map)."})
     sample_new_tokens: int = field(default=40, metadata={"help": "Tokens per sample generation at the end."})
@@ -316,10 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
-    step = 0
+    step, consumed = 0, 0  # optimizer steps done, micro-batches drawn (they differ after skipped batches)
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
-        step = json.loads((resume_path / "training_state.json").read_text())["step"]
+        state = json.loads((resume_path / "training_state.json").read_text())
+        step, consumed = state["step"], state["micro_batches"]
     run_config = {
         **asdict(args),
         "mixed_precision_resolved": mixed_precision,
@@ -342,39 +348,60 @@ def main(argv: list[str] | None = None) -> int:
     history = _read_log(log_path, up_to_step=step) if main_process else []
 
     # --- loop
-    objective_rng_seed = args.seed * 1_000_003
-    micro_batches = _micro_batches(loader, accelerator, args, step)
+    stop = _StopRequest()
+    micro_batches = _micro_batches(loader, accelerator, args, consumed)
     progress = tqdm(
         total=args.max_steps, initial=step, disable=not main_process, desc="train", dynamic_ncols=True
     )
     window_tokens, window_loss, window_count, window_start = 0, 0.0, 0, time.perf_counter()
+    nan_batch = int(os.environ.get("BILINGUAL_GLM_TEST_NAN_AT_BATCH", "0"))  # fault injection for tests
     model.train()
     while step < args.max_steps:
+        step_loss, step_tokens = 0.0, 0
         for _ in range(args.gradient_accumulation_steps):
             examples = next(micro_batches)
-            objective = random.Random(objective_rng_seed + step).choices(
+            consumed += 1
+            objective = random.Random(args.seed * 1_000_003 + consumed).choices(
                 list(objectives), weights=list(objectives.values())
             )[0]
             collator = collators[objective]
             if hasattr(collator, "reseed"):
-                collator.reseed(args.seed * 1_000_003 + step * 1_009 + accelerator.process_index)
+                collator.reseed(args.seed * 1_000_003 + consumed * 1_009 + accelerator.process_index)
             batch = {k: v.to(accelerator.device) for k, v in collator(examples).items()}
             with accelerator.accumulate(model):
                 loss = model(**batch, return_logits=False, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step + 1} ({objective})")
+                if consumed == nan_batch:
+                    loss = loss * float("nan")
                 accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                grad_norm = None
+                if accelerator.sync_gradients:  # all ranks see the same reduced gradients, so agree
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                if grad_norm is not None and not torch.isfinite(grad_norm):
+                    optimizer.zero_grad(set_to_none=True)
+                    if not args.skip_nonfinite_batches:
+                        raise FloatingPointError(
+                            f"non-finite loss/gradient at step {step + 1} ({objective}); stopped before the "
+                            "optimizer step, so the weights and every checkpoint stay finite "
+                            "(--skip_nonfinite_batches skips such batches instead)"
+                        )
+                    accelerator.print(f"step {step + 1}: non-finite gradient, batch skipped")
+                    step_loss = float("nan")
+                    break
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.item()
-            window_count += 1
+            step_loss += loss.item() / args.gradient_accumulation_steps
             mask = batch.get("attention_mask")
-            window_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if math.isnan(step_loss):
+            continue
         step += 1
         progress.update(1)
+        window_loss, window_count, window_tokens = (
+            window_loss + step_loss,
+            window_count + 1,
+            window_tokens + step_tokens,
+        )
         record: dict[str, Any] = {}
         if step % args.logging_steps == 0 or step == args.max_steps:
             elapsed = time.perf_counter() - window_start
@@ -394,8 +421,19 @@ def main(argv: list[str] | None = None) -> int:
             with log_path.open("a", encoding="utf-8") as log:
                 log.write(json.dumps(record, ensure_ascii=False) + "\n")
         if args.save_steps and step % args.save_steps == 0:
-            _save_checkpoint(accelerator, output_dir, step)
+            _save_checkpoint(accelerator, output_dir, step, consumed)
+        if stop.requested:
+            accelerator.set_trigger()
+        if accelerator.check_trigger():  # any rank interrupted: all save together, then leave
+            _save_checkpoint(accelerator, output_dir, step, consumed)
+            accelerator.print(
+                f"interrupted: saved {output_dir / f'checkpoint-{step}'}; resume with --resume_from_checkpoint latest"
+            )
+            progress.close()
+            accelerator.end_training()
+            return 130
     progress.close()
+    stop.restore()
 
     # --- final: held-out perplexity, save, samples
     final_eval = {"step": step, **_evaluate(model, eval_sets, args, accelerator)}
@@ -416,9 +454,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _micro_batches(loader: Any, accelerator: Accelerator, args: TrainArguments, step: int):
+def _micro_batches(loader: Any, accelerator: Accelerator, args: TrainArguments, consumed: int):
     """Endless micro-batches; on resume, skip exactly the ones the finished steps consumed."""
-    consumed = step * args.gradient_accumulation_steps
     epoch = 0
     if not args.streaming:
         per_epoch = len(loader)
@@ -446,7 +483,7 @@ def _evaluate(model: Any, eval_sets: dict[str, Any], args: TrainArguments, accel
     return metrics
 
 
-def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
+def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, consumed: int) -> None:
     """save_state into a temp folder, then one rename: `latest` never sees half a checkpoint."""
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -455,11 +492,28 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> N
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(tmp / "training_state.json", {"step": step})
+        write_json_atomic(tmp / "training_state.json", {"step": step, "micro_batches": consumed})
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
+
+
+class _StopRequest:
+    """Ctrl-C or SIGTERM (preemption) asks the loop to checkpoint at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    @staticmethod
+    def restore() -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
 
 
 def _read_log(path: Path, up_to_step: int) -> list[dict]:

@@ -8,6 +8,7 @@ CLI (safetensors in and out)::
 
     python -m bilingual_glm.conversion to-glm   SRC_DIR DST_DIR   # ours  -> native GlmForCausalLM
     python -m bilingual_glm.conversion from-glm SRC_DIR DST_DIR   # native -> ours
+    python -m bilingual_glm.conversion from-chatglm SRC_DIR DST_DIR  # THUDM ChatGLM2/3, GLM-4 -> ours
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from transformers import GlmConfig, GlmForCausalLM
 
+from . import chatglm
 from .configuration.configuration_bilingual_glm import BilingualGlmConfig
 from .modeling.modeling_bilingual_glm import BilingualGlmForCausalLM
 
@@ -142,11 +144,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bilingual_glm.conversion", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
-        "direction", choices=["to-glm", "from-glm"], help="to-glm: ours→native; from-glm: back"
+        "direction",
+        choices=["to-glm", "from-glm", "from-chatglm"],
+        help="to-glm: ours→native; from-glm: back; from-chatglm: THUDM format→ours (see bilingual_glm.chatglm)",
     )
     parser.add_argument("src_dir", help="folder with config.json and *.safetensors")
     parser.add_argument("dst_dir", help="output folder (created)")
+    chatglm.add_cli_arguments(parser)
     args = parser.parse_args(argv)
+    if args.direction == "from-chatglm":
+        chatglm.run_cli(args)
+        return 0
     _convert_folder(args.src_dir, args.dst_dir, args.direction)
     return 0
 

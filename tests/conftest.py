@@ -29,6 +29,18 @@ def perturbed_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrid
     return model.to(dtype).eval()
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """One small bilingual tokenizer (vocab 1024, 1500 demo documents) shared by the script tests."""
+    from bilingual_glm.corpora import load_demo_corpus
+    from bilingual_glm.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    texts = load_demo_corpus("train").shuffle(seed=0).select(range(1500))["text"]
+    train_tokenizer(texts, vocab_size=1024).save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def tiny_model() -> torch.nn.Module:
     return perturbed_model()

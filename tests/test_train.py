@@ -11,9 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bilingual_glm  # noqa: F401  (registers the Auto classes)
-from bilingual_glm.corpora import load_demo_corpus
 from bilingual_glm.infill import infill
-from bilingual_glm.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--preset", "tiny", "--block_size", "64", "--per_device_train_batch_size", "8"]
@@ -27,15 +25,6 @@ QUICK += [
     "--sample_new_tokens",
     "8",
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """One small tokenizer shared by the runs, so each run skips tokenizer training."""
-    path = tmp_path_factory.mktemp("tokenizer")
-    texts = load_demo_corpus("train").shuffle(seed=0).select(range(1500))["text"]
-    train_tokenizer(texts, vocab_size=1024).save_pretrained(path)
-    return path
 
 
 def run_train(args: list[str], launcher: list[str] | None = None) -> subprocess.CompletedProcess:
