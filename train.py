@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_second": window_tokens * accelerator.num_processes / elapsed,
                 "objective": objective,
+                "rss_mb": _rss_mb(),
             }
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
             window_tokens, window_loss, window_count, window_start = 0, 0.0, 0, time.perf_counter()
@@ -497,6 +498,15 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, cons
             shutil.rmtree(final)
         os.replace(tmp, final)
     accelerator.wait_for_everyone()
+
+
+def _rss_mb() -> float:
+    """Current resident memory of this process (the soak test watches it stay flat)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 class _StopRequest:

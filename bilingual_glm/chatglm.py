@@ -16,7 +16,7 @@ Rotary: THUDM rotates the first half of each head (interleaved pairs) with base 
 that is ``partial_rotary_factor=0.5`` and ``rope_theta = 10000 * rope_ratio`` here (GLM-4-9B: 5e6).
 
 Large checkpoints stream: one source file is open at a time, tensors are read one by one
-(``safetensors.safe_open`` / ``torch.load(mmap=True)``), and an output shard is written as soon as it
+(``safetensors.safe_open`` / ``torch.load(..., weights_only=True, mmap=True)``), and an output shard is written as soon as it
 holds ``max_shard_size`` bytes. Everything is written into a temporary folder next to the destination,
 renamed into place only when complete. Every refusal is checked before anything is written.
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from .tokenizer import check_tokenizer_matches
+
 
 def infill(
     model: Any,
@@ -28,6 +30,7 @@ def infill(
 ) -> str | tuple[str, list[str]]:
     """Return ``text`` with each blank replaced by a generated span (greedy unless told otherwise)."""
     config = model.config
+    check_tokenizer_matches(config, tokenizer)
     mask_ids = {config.mask_token_id, config.smask_token_id, config.gmask_token_id} - {None}
     if config.sop_token_id is None or config.eop_token_id is None or not mask_ids:
         raise ValueError("model.config needs sop_token_id, eop_token_id and mask token ids for infilling")

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -178,6 +179,26 @@ def special_token_ids(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
     return ids
 
 
+def check_tokenizer_matches(config: Any, tokenizer: PreTrainedTokenizerFast) -> None:
+    """Raise ``ValueError`` when a tokenizer cannot drive a model: more ids than embeddings, or a GLM
+    special token whose id differs from the config's (masks and stops would silently go wrong)."""
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"tokenizer: it has {len(tokenizer)} tokens but the model's vocab_size is {config.vocab_size}; "
+            "use the tokenizer the model was trained with"
+        )
+    vocab = tokenizer.get_vocab()
+    for field_name, token in CONFIG_TOKEN_FIELDS.items():
+        expected = getattr(config, field_name, None)
+        if isinstance(expected, list):
+            expected = expected[0] if expected else None
+        if expected is not None and token in vocab and vocab[token] != expected:
+            raise ValueError(
+                f"tokenizer: {token!r} has id {vocab[token]} but the model config's {field_name} is {expected}; "
+                "tokenizer and model do not belong together"
+            )
+
+
 def left_padded(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     """A copy of ``tokenizer`` that pads on the left, for batched ``generate()``.
 
@@ -191,6 +212,7 @@ def left_padded(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "check_tokenizer_matches",
     "CONFIG_TOKEN_FIELDS",
     "PRE_TOKENIZER_PATTERN",
     "build_backend",

@@ -12,4 +12,4 @@ python3 -m venv "$venv"
 "$venv/bin/pip" install -q "$spec" safetensors
 echo "venv packages: $("$venv/bin/pip" list --format=freeze | grep -iE '^(torch|transformers|safetensors)==' | tr '\n' ' ')"
 cd "$(dirname "$venv")"
-HF_HUB_OFFLINE=1 HF_HOME="$(dirname "$venv")/hf" "$venv/bin/python" -I "$here/check_remote_code.py" "$folder" "$expected"
+HF_HUB_DISABLE_PROGRESS_BARS=1 TRANSFORMERS_VERBOSITY=error HF_HUB_OFFLINE=1 HF_HOME="$(dirname "$venv")/hf" "$venv/bin/python" -I "$here/check_remote_code.py" "$folder" "$expected"

@@ -6,6 +6,7 @@
 # (it exports with the installed package). Exit status: non-zero if any version fails.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
+cd "$here/.."
 specs=("$@")
 [ ${#specs[@]} -gt 0 ] || specs=("transformers==4.57.6" "transformers==5.0.0" "transformers>=5,<6")
 work=$(mktemp -d)

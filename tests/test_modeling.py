@@ -397,3 +397,9 @@ def test_static_cache_decoding_masks_its_spare_slots(tiny_model):
     step = tiny_model(next_token, cache=cache, use_cache=True).logits[0, -1]
     full = tiny_model(torch.cat((prompt, next_token), dim=1)).logits[0, -1]
     assert torch.allclose(step, full, atol=1e-5)
+
+
+def test_prefix_attention_with_a_causal_only_kernel_is_refused(tiny_model):
+    tiny_model.config._attn_implementation = "flash_attention_2"  # checked before any kernel runs
+    with pytest.raises(ValueError, match="prefix_lengths: flash attention kernels are causal-only"):
+        tiny_model(tokens(1, 4), prefix_lengths=torch.tensor([2]))

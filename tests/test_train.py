@@ -148,6 +148,8 @@ def test_bad_arguments_fail_with_one_clear_line(tmp_path):
         (["--objective", "bert"], "--objective"),
         (["--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path)], "no complete checkpoint"),
         (["--train_files", str(tmp_path / "missing.txt")], "missing.txt"),
+        (["--resume_from_checkpoint", str(tmp_path)], "is not a complete checkpoint folder"),
+        (["--tokenizer", str(tmp_path / "nope")], "--tokenizer"),
     ]:
         result = subprocess.run(
             [sys.executable, str(ROOT / "train.py"), *args],
@@ -169,3 +171,19 @@ def test_infill_replaces_every_blank_with_a_generated_span(tokenizer_dir):
     filled, spans = infill(model, tokenizer, text, max_new_tokens=3, return_spans=True)
     assert len(spans) == 2 and "[MASK]" not in filled
     assert filled.startswith("北京是") and filled.endswith(".")
+
+
+def test_a_tokenizer_that_does_not_fit_the_model_is_refused(tokenizer_dir):
+    from bilingual_glm.tokenizer import check_tokenizer_matches
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    check_tokenizer_matches(bilingual_glm.BilingualGlmConfig.from_preset("tiny"), tokenizer)  # fits
+    with pytest.raises(ValueError, match="1024 tokens but the model's vocab_size is 512"):
+        check_tokenizer_matches(
+            bilingual_glm.BilingualGlmConfig.from_preset("tiny", vocab_size=512), tokenizer
+        )
+    shifted = bilingual_glm.BilingualGlmConfig.from_preset("tiny", gmask_token_id=40)
+    with pytest.raises(ValueError, match="gmask_token_id is 40"):
+        check_tokenizer_matches(shifted, tokenizer)
+    with pytest.raises(ValueError, match="gmask_token_id is 40"):
+        infill(bilingual_glm.BilingualGlmForCausalLM(shifted), tokenizer, "[gMASK]")
