@@ -93,6 +93,9 @@ class TrainArguments:
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
     eval_blocks: int = field(default=64, metadata={"help": "Held-out blocks per language for perplexity."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: never)."})
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only the newest N checkpoints (default: keep all)."}
+    )
     resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' in --output_dir."}
     )
@@ -422,11 +425,11 @@ def main(argv: list[str] | None = None) -> int:
             with log_path.open("a", encoding="utf-8") as log:
                 log.write(json.dumps(record, ensure_ascii=False) + "\n")
         if args.save_steps and step % args.save_steps == 0:
-            _save_checkpoint(accelerator, output_dir, step, consumed)
+            _save_checkpoint(accelerator, output_dir, step, consumed, args.save_total_limit)
         if stop.requested:
             accelerator.set_trigger()
         if accelerator.check_trigger():  # any rank interrupted: all save together, then leave
-            _save_checkpoint(accelerator, output_dir, step, consumed)
+            _save_checkpoint(accelerator, output_dir, step, consumed, args.save_total_limit)
             accelerator.print(
                 f"interrupted: saved {output_dir / f'checkpoint-{step}'}; resume with --resume_from_checkpoint latest"
             )
@@ -484,7 +487,9 @@ def _evaluate(model: Any, eval_sets: dict[str, Any], args: TrainArguments, accel
     return metrics
 
 
-def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, consumed: int) -> None:
+def _save_checkpoint(
+    accelerator: Accelerator, output_dir: Path, step: int, consumed: int, keep: int | None = None
+) -> None:
     """save_state into a temp folder, then one rename: `latest` never sees half a checkpoint."""
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -497,6 +502,10 @@ def _save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, cons
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        if keep:  # rotate only after the new one is complete
+            complete = sorted(output_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+            for old in complete[:-keep]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 

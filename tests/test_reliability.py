@@ -120,10 +120,20 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, 
     assert all(t.isfinite().all() for t in weights.values())
 
 
-def test_skip_nonfinite_batches_finishes_the_run(tmp_path, tokenizer_dir):
+def test_skip_nonfinite_batches_finishes_the_run_and_rotates_checkpoints(tmp_path, tokenizer_dir):
     out = tmp_path / "skip"
     result = subprocess.run(
-        command(out, tokenizer_dir, "--skip_nonfinite_batches", "--save_steps", "0", "--max_steps", "8"),
+        command(
+            out,
+            tokenizer_dir,
+            "--skip_nonfinite_batches",
+            "--save_steps",
+            "2",
+            "--save_total_limit",
+            "2",
+            "--max_steps",
+            "8",
+        ),
         env=env(BILINGUAL_GLM_TEST_NAN_AT_BATCH="3"),
         capture_output=True,
         text=True,
@@ -133,3 +143,6 @@ def test_skip_nonfinite_batches_finishes_the_run(tmp_path, tokenizer_dir):
     assert "non-finite gradient, batch skipped" in result.stdout + result.stderr
     losses = step_losses(out)
     assert sorted(losses) == list(range(1, 9)) and all(v == v for v in losses.values())
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
+    state = json.loads((out / "checkpoint-8" / "training_state.json").read_text())
+    assert state == {"step": 8, "micro_batches": 9}  # the skipped batch was drawn, not trained on
