@@ -191,13 +191,25 @@ def _first(dataset: datasets.Dataset, n: int | None) -> datasets.Dataset:
     return dataset.shuffle(seed=0).select(range(n))
 
 
-def get_tokenizer(args: TrainArguments, train_text: Any, vocab_size: int) -> Any:
+def get_tokenizer(
+    args: TrainArguments, train_text: Any, vocab_size: int, accelerator: Accelerator, resuming: bool
+) -> Any:
+    """--tokenizer, else the one this run saved (other ranks, resumes), else train one and save it.
+
+    Only the main process trains: every rank must use the very same ids.
+    """
     if args.tokenizer:
         if not Path(args.tokenizer).is_dir():
             raise ValueError(f"--tokenizer: {args.tokenizer} is not a folder")
         return AutoTokenizer.from_pretrained(args.tokenizer)
+    saved = Path(args.output_dir) / "tokenizer"
+    if (resuming or not accelerator.is_main_process) and saved.is_dir():
+        return AutoTokenizer.from_pretrained(saved)
     texts = (row["text"] for row in train_text) if args.streaming else train_text["text"]
-    return train_tokenizer(texts, vocab_size=vocab_size, model_max_length=max(args.block_size * 4, 2048))
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size, model_max_length=max(args.block_size * 4, 2048))
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(saved)
+    return tokenizer
 
 
 def tokenize_and_pack(dataset: Any, tokenizer: Any, args: TrainArguments) -> Any:
@@ -282,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     preset = bilingual_glm.PRESETS[args.preset]
     with accelerator.main_process_first():
         train_text, validation_text = load_raw(args)
-        tokenizer = get_tokenizer(args, train_text, args.vocab_size or preset["vocab_size"])
+        vocab = args.vocab_size or preset["vocab_size"]
+        tokenizer = get_tokenizer(args, train_text, vocab, accelerator, resume_path is not None)
         train_blocks = tokenize_and_pack(train_text, tokenizer, args)
         eval_sets = held_out_blocks(validation_text, tokenizer, args)
     if args.streaming:
@@ -342,8 +355,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     if main_process:
         write_json_atomic(output_dir / "run_config.json", run_config)
-        if not args.tokenizer:
-            tokenizer.save_pretrained(output_dir / "tokenizer")
         accelerator.print(
             json.dumps({k: v for k, v in run_config.items() if k != "model_config"}, default=str)
         )
