@@ -69,3 +69,55 @@ def test_exported_folder_loads_in_a_venv_with_only_torch_transformers_safetensor
         timeout=1200,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_push_to_hub_uploads_exactly_the_self_contained_folder(tmp_path, monkeypatch):
+    """Intercepted at the huggingface_hub boundary: what would be uploaded loads without the package."""
+    import shutil
+    from types import SimpleNamespace
+
+    import transformers.utils.hub as hub
+    from huggingface_hub import ModelCard
+
+    uploaded = tmp_path / "hub"
+
+    class FakeApi:
+        def create_repo(self, repo_id, **kwargs):
+            return SimpleNamespace(repo_id=repo_id)
+
+        def create_commit(self, repo_id, operations, **kwargs):
+            for operation in operations:
+                target = uploaded / operation.path_in_repo
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(operation.path_or_fileobj, target)
+            return SimpleNamespace(commit_url="offline")
+
+    monkeypatch.setattr(hub, "hf_api", lambda: FakeApi())
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *args, **kwargs: ModelCard("---\n---\n"))
+    model = perturbed_model(seed=9)
+    model.push_to_hub("someone/bilingual-glm-tiny")
+    names = sorted(p.name for p in uploaded.iterdir())
+    assert names == [
+        "README.md",
+        "config.json",
+        "configuration_bilingual_glm.py",
+        "generation_config.json",
+        "model.safetensors",
+        "modeling_bilingual_glm.py",
+    ]
+    ids = torch.randint(11, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        greedy = model.generate(ids[:1, :4], max_new_tokens=8, do_sample=False)
+        torch.save(
+            {"input_ids": ids, "logits": model(ids).logits, "greedy": greedy}, tmp_path / "expected.pt"
+        )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(
+        [sys.executable, "-I", str(CHECK), str(uploaded), str(tmp_path / "expected.pt")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
