@@ -31,6 +31,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
 
@@ -57,7 +58,7 @@ class TrainArguments:
         default="0.5,0.3,0.2",
         metadata={"help": "GLM token/sentence/document span mixture, drawn per batch (GLM-10B's default)."},
     )
-    max_steps: int = field(default=600, metadata={"help": "Optimizer steps."})
+    max_steps: int = field(default=300, metadata={"help": "Optimizer steps."})
     output_dir: str = field(default="runs/train-small", metadata={"help": "Where everything is written."})
     seed: int = field(default=42, metadata={"help": "Seeds model init, data order and masking."})
     tokenizer: str | None = field(
@@ -80,7 +81,7 @@ class TrainArguments:
         default=0.02, metadata={"help": "Held-out share of --train_files/--dataset_name without a split."}
     )
     block_size: int = field(default=256, metadata={"help": "Tokens per packed training block."})
-    per_device_train_batch_size: int = field(default=16, metadata={"help": "Blocks per process per step."})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "Blocks per process per step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
     warmup_steps: int | None = field(default=None, metadata={"help": "Linear warmup (default 5% of steps)."})
@@ -171,10 +172,9 @@ def load_raw(args: TrainArguments) -> tuple[Any, datasets.Dataset]:
     else:
         train, validation = load_demo_corpus("train"), load_demo_corpus("validation")
         return _first(train, args.max_train_documents), validation
-    if args.text_column not in (every.column_names or []):
-        raise ValueError(
-            f"--text_column: {args.text_column!r} is not a column of the data ({every.column_names})"
-        )
+    columns = _column_names(every)
+    if args.text_column not in columns:
+        raise ValueError(f"--text_column: {args.text_column!r} is not a column of the data ({columns})")
     if args.text_column != "text":
         every = every.rename_column(args.text_column, "text")
     if args.streaming:
@@ -182,6 +182,11 @@ def load_raw(args: TrainArguments) -> tuple[Any, datasets.Dataset]:
         return every.skip(len(held_out)), held_out
     split = every.train_test_split(test_size=args.validation_fraction, seed=0)
     return _first(split["train"], args.max_train_documents), split["test"]
+
+
+def _column_names(dataset: Any) -> list[str]:
+    """Column names, also for streamed datasets whose features are only known from a first row."""
+    return list(dataset.column_names or next(iter(dataset)).keys())
 
 
 def _first(dataset: datasets.Dataset, n: int | None) -> datasets.Dataset:
@@ -215,7 +220,7 @@ def get_tokenizer(
 def tokenize_and_pack(dataset: Any, tokenizer: Any, args: TrainArguments) -> Any:
     """Batched, multi-process tokenization, then packing into `block_size` blocks."""
     map_kwargs: dict[str, Any] = {} if args.streaming else {"num_proc": args.num_proc}
-    columns = dataset.column_names
+    columns = _column_names(dataset)
     tokenized = dataset.map(
         lambda batch: {
             "input_ids": tokenizer(batch["text"], add_special_tokens=False, verbose=False)["input_ids"]
@@ -299,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         train_blocks = tokenize_and_pack(train_text, tokenizer, args)
         eval_sets = held_out_blocks(validation_text, tokenizer, args)
     if args.streaming:
-        train_blocks = datasets.distributed.split_dataset_by_node(
+        train_blocks = split_dataset_by_node(
             train_blocks, rank=accelerator.process_index, world_size=accelerator.num_processes
         )
     loader = torch.utils.data.DataLoader(

@@ -79,7 +79,8 @@ class BilingualGlmRotaryEmbedding(nn.Module):
 
     1D ``position_ids [B, T]`` rotate dims ``[0, r)`` only (native GLM-4). 2D ``position_ids [B, 2, T]``
     also rotate dims ``[r, 2r)`` by the block position; a block position of 0 is the identity, which is
-    why GLM-4 checkpoints run unchanged.
+    why GLM-4 checkpoints run unchanged. Where the block slice fits, 1D positions get it too, at angle 0:
+    the rotation kernel then sees the same shapes as for zero block positions and gives the same bits.
     """
 
     def __init__(self, config: BilingualGlmConfig, device: torch.device | None = None) -> None:
@@ -101,26 +102,40 @@ class BilingualGlmRotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return cos, sin of shape ``[B, 1, T, n_pairs]`` (n_pairs = r/2 for 1D, r for 2D positions)."""
+        """Return cos, sin of shape ``[B, 1, T, n_pairs]`` (n_pairs = r, or r/2 if ``2r > head_dim``)."""
         inv_freq = self.inv_freq.to(device=position_ids.device, dtype=torch.float)
         freqs = position_ids[..., None].float() * inv_freq  # [B, T, r/2] or [B, 2, T, r/2]
         if position_ids.dim() == 3:
             freqs = torch.cat((freqs[:, 0], freqs[:, 1]), dim=-1)  # [B, T, r]
+        elif 2 * self.config.rotary_dim <= self.config.head_dim:
+            freqs = F.pad(freqs, (0, freqs.shape[-1]))  # [B, T, r]: block position 0
         freqs = freqs.unsqueeze(1)  # [B, 1, T, n_pairs]: broadcast over heads
         return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs ``(x[2i], x[2i+1])`` of the first ``2 * n_pairs`` dims; the rest pass."""
+    """Rotate adjacent pairs ``(x[2i], x[2i+1])`` of the first ``2 * n_pairs`` dims; the rest pass.
+
+    A pair is the complex number ``x[2i] + i·x[2i+1]`` and the rotation a multiplication by
+    ``cos + i·sin``: the same products and sums as the real form, bit for bit, in one kernel instead of
+    six (in at least fp32; the result has the dtype ``x * cos`` would have).
+    """
     rotary = 2 * cos.shape[-1]
-    x_rot, x_pass = x[..., :rotary], x[..., rotary:]
-    x_rot = x_rot.unflatten(-1, (-1, 2))  # [B, H, T, n_pairs, 2]
-    even, odd = x_rot[..., 0], x_rot[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
-    return torch.cat((rotated, x_pass), dim=-1)
+    dtype = torch.promote_types(x.dtype, cos.dtype)
+    compute = torch.promote_types(dtype, torch.float32)  # complex32 has too few kernels
+    pairs = torch.view_as_complex(x[..., :rotary].to(compute).unflatten(-1, (-1, 2)))  # [B, H, T, n_pairs]
+    rotated = torch.view_as_real(pairs * torch.complex(cos.to(compute), sin.to(compute))).flatten(-2)
+    return torch.cat((rotated.to(dtype), x[..., rotary:].to(dtype)), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------- attention
+def _is_plain_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` whose weight may be used directly: no subclass, hook or patched forward
+    (LoRA, quantization, accelerate offloading) that its own forward would apply."""
+    hooked = module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
+    return type(module) is nn.Linear and not hooked
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -146,6 +161,88 @@ def eager_attention_forward(
     return output.transpose(1, 2).contiguous(), weights  # [B, Tq, H, D]
 
 
+class _MatmulAttention(torch.autograd.Function):
+    """``softmax(q kᵀ, masked) v`` (q pre-scaled) as two bf16 matmuls around the bf16 softmax kernel.
+
+    The scores stay in bf16 (what a bf16 matmul gives; the softmax kernels accumulate in fp32), so no
+    ``[Tq, Tk]`` tensor is ever converted. The ``G`` query heads sharing a K/V head are stacked along the
+    rows (``[B, KV, G·Tq, D]``): GQA needs no K/V copies and ``∂k``, ``∂v`` come out summed over the
+    group. Backward keeps the probabilities (2·Tq·Tk bytes per head; flash attention recomputes them).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, query, key, value, blocked) -> torch.Tensor:
+        # query [B, KV, G*Tq, D]; key, value [B, KV, Tk, D]; blocked: bool [B|1, 1, 1, Tq, Tk], True = hidden
+        scores = torch.matmul(query, key.transpose(-1, -2))  # [B, KV, G*Tq, Tk]
+        batch, kv_heads, rows, kv_len = scores.shape
+        q_len = blocked.shape[-2]
+        hidden = torch.finfo(scores.dtype).min
+        scores.view(batch, kv_heads, rows // q_len, q_len, kv_len).masked_fill_(blocked, hidden)
+        probs = torch.softmax(scores, dim=-1)
+        ctx.save_for_backward(query, key, value, probs)
+        return torch.matmul(probs, value)  # [B, KV, G*Tq, D]
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        query, key, value, probs = ctx.saved_tensors
+        grad_value = torch.matmul(probs.transpose(-1, -2), grad_out)  # [B, KV, Tk, D]
+        grad_probs = torch.matmul(grad_out, value.transpose(-1, -2))  # [B, KV, G*Tq, Tk]
+        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_query = torch.matmul(grad_scores, key)
+        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query)
+        return grad_query, grad_key, grad_value, None
+
+
+_MATMUL_ATTENTION_MAX_SCORES = 1 << 25  # beyond this many scores per call, SDPA's tiling wins on memory
+
+
+def _use_matmul_attention(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
+) -> bool:
+    """``_MatmulAttention`` instead of SDPA: CPU, bf16 compute, no dropout, causal or a bool mask.
+
+    torch's CPU flash kernel is no faster in bf16 than in fp32 (measured on AVX512-BF16), so under bf16
+    autocast it misses the bf16 matmul units (4x fp32); at training lengths two plain bf16 matmuls are
+    2-3x faster. fp32, GPUs, decoding, long sequences and per-head or float masks keep SDPA.
+    """
+    device = query.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+    batch, heads, q_len, _ = query.shape
+    kv_len = key.shape[2]
+    if attention_mask is None:
+        mask_ok = q_len == kv_len  # SDPA's is_causal
+    else:
+        mask_ok = (
+            attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+        )
+    dropout = module.training and module.attention_dropout > 0
+    small = batch * heads * q_len * kv_len <= _MATMUL_ATTENTION_MAX_SCORES
+    return device == "cpu" and dtype == torch.bfloat16 and not dropout and q_len > 1 and mask_ok and small
+
+
+def matmul_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA's contract (bool mask, or ``None`` = causal) computed in bf16 by ``_MatmulAttention``."""
+    batch, heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    if attention_mask is None:  # causal, Tq == Tk
+        blocked = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).triu_(1)
+    else:
+        blocked = ~attention_mask[:, :, None]  # [B|1, 1, 1, Tq, Tk]
+    with torch.autocast(query.device.type, enabled=False):
+        stacked = (query * scaling).bfloat16().reshape(batch, kv_heads, -1, head_dim)  # [B, KV, G*Tq, D]
+        output = _MatmulAttention.apply(stacked, key.bfloat16(), value.bfloat16(), blocked)
+    output = output.view(batch, heads, q_len, head_dim)
+    return output.transpose(1, 2).contiguous(), None  # [B, Tq, H, D]
+
+
 class BilingualGlmAttention(nn.Module):
     """GQA self-attention with q/k/v bias; the kernel comes from transformers' attention registry."""
 
@@ -167,6 +264,21 @@ class BilingualGlmAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
 
+    def _qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``[q | k | v]`` from one matmul over the three weights (one pass over the input, one input
+        gradient instead of three summed). Decoding steps (a few rows, where reading the weights is the
+        cost and concatenating them would double it) and wrapped projections (LoRA, quantized, hooked)
+        run the three modules."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        few_rows = hidden_states.numel() < 64 * hidden_states.shape[-1]
+        if few_rows or not all(_is_plain_linear(projection) for projection in projections):
+            return torch.cat([projection(hidden_states) for projection in projections], dim=-1)
+        weight = torch.cat([projection.weight for projection in projections])
+        bias = (
+            None if self.q_proj.bias is None else torch.cat([projection.bias for projection in projections])
+        )
+        return F.linear(hidden_states, weight, bias)  # [B, T, (H + 2 KV) * D]
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -176,19 +288,19 @@ class BilingualGlmAttention(nn.Module):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, q_len, _ = hidden_states.shape
-        hidden_shape = (batch, q_len, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, D]
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, KV, T, D]
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, KV, T, D]
-
-        cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, cos, sin), apply_rotary_pos_emb(key, cos, sin)
+        heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
+        qkv = self._qkv(hidden_states).view(batch, q_len, -1, self.head_dim)  # [B, T, H+2KV, D]
+        qkv = qkv.transpose(1, 2)  # [B, H+2KV, T, D]
+        rotated = apply_rotary_pos_emb(qkv[:, : heads + kv_heads], *position_embeddings)  # q and k at once
+        query, key, value = rotated[:, :heads], rotated[:, heads:], qkv[:, heads + kv_heads :]
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
         implementation = self.config._attn_implementation or "eager"
         attention = eager_attention_forward
-        if implementation != "eager":
+        if implementation == "sdpa" and _use_matmul_attention(self, query, key, attention_mask):
+            attention = matmul_attention_forward
+        elif implementation != "eager":
             attention = ALL_ATTENTION_FUNCTIONS[implementation]
         output, weights = attention(
             self,
@@ -551,6 +663,57 @@ def _keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> to
     return hidden_states[:, logits_to_keep]
 
 
+_LOSS_CHUNK_LOGITS = 1 << 21  # logits per loss chunk: 8 MiB in fp32, cache-sized
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``hidden @ weightᵀ`` a chunk of rows at a time, gradients in forward.
+
+    The ``[N, V]`` logits never exist at once (in fp32 that is 128 MiB for 4096 rows of an 8k vocabulary,
+    plus as much again for their softmax and gradient): each chunk's logits become its loss and its
+    gradient (softmax minus one-hot), which is multiplied out into ``∂hidden`` and ``∂weight`` before
+    the next chunk. The loss is the graph's last node, so backward only scales those by ``∂loss``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden, weight, targets, compute_dtype: torch.dtype, chunk: int) -> torch.Tensor:
+        # hidden [N, d], weight [V, d], targets [N]: the rows of supervised positions only
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        inputs, matrix = hidden.to(compute_dtype), weight.to(compute_dtype)
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        accumulate = torch.promote_types(compute_dtype, torch.float32)  # softmax in fp32 (or better)
+        grad_weight = torch.zeros_like(weight, dtype=accumulate) if want_weight else None
+        loss = hidden.new_zeros((), dtype=accumulate)
+        for start in range(0, inputs.shape[0], chunk):
+            rows, target = inputs[start : start + chunk], targets[start : start + chunk, None]
+            n = rows.shape[0]
+            # Zero rows up to a multiple of 64: oneDNN keeps a kernel per bf16 matmul shape, and a row
+            # count that changes every batch grew that cache (RSS) by hundreds of MB in a soak run.
+            rows = F.pad(rows, (0, 0, 0, -n % 64))  # [n_padded, d]
+            logits = torch.matmul(rows, matrix.T).to(accumulate)  # [n_padded, V]
+            log_probs = torch.log_softmax(logits, dim=-1)
+            loss -= log_probs[:n].gather(-1, target).sum()
+            if want_hidden or want_weight:
+                grad_logits = log_probs.exp_()
+                grad_logits[:n].scatter_add_(-1, target, torch.full_like(target, -1.0, dtype=accumulate))
+                grad_logits[n:] = 0  # padding rows carry no gradient
+                grad_logits = grad_logits.to(compute_dtype)
+                if want_hidden:
+                    grad_hidden[start : start + n] = torch.matmul(grad_logits, matrix)[:n]
+                if want_weight:
+                    grad_weight += torch.matmul(grad_logits.T, rows)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
+        grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
 class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -631,11 +794,24 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
     def _supervised_loss(
         self, hidden_states: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch: Any
     ) -> torch.Tensor:
-        """Cross-entropy over supervised positions only: the vocabulary projection runs on those rows."""
+        """Cross-entropy over supervised positions only: the vocabulary projection runs on those rows.
+
+        A plain ``lm_head`` goes through ``_LinearCrossEntropy`` in chunks of ~``_LOSS_CHUNK_LOGITS``
+        logits; a wrapped one (LoRA, quantized, hooked) through its own forward and full logits.
+        """
         shift_labels = shift_labels.to(hidden_states.device)
         supervised = shift_labels != -100  # [B, T]
-        logits = self.lm_head(hidden_states[supervised]).float()  # [N, V]
-        loss = F.cross_entropy(logits, shift_labels[supervised], reduction="sum")
+        hidden, targets = hidden_states[supervised], shift_labels[supervised]  # [N, d], [N]
+        head = self.lm_head
+        if _is_plain_linear(head) and head.bias is None:
+            device = hidden.device.type
+            dtype = (
+                torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
+            )
+            chunk = max(64, _LOSS_CHUNK_LOGITS // head.out_features)
+            loss = _LinearCrossEntropy.apply(hidden, head.weight, targets, dtype, chunk)
+        else:
+            loss = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
         if num_items_in_batch is None:
             num_items_in_batch = supervised.sum().clamp(min=1)
         if torch.is_tensor(num_items_in_batch):
@@ -665,6 +841,8 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
 
 class BilingualGlmForSequenceClassification(BilingualGlmPreTrainedModel):
     """Classifies from the hidden state of each row's last real token (left or right padding)."""
+
+    accepts_loss_kwargs = False  # mean loss: Trainer must scale it for gradient accumulation itself
 
     def __init__(self, config: BilingualGlmConfig) -> None:
         super().__init__(config)

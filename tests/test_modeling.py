@@ -403,3 +403,24 @@ def test_prefix_attention_with_a_causal_only_kernel_is_refused(tiny_model):
     tiny_model.config._attn_implementation = "flash_attention_2"  # checked before any kernel runs
     with pytest.raises(ValueError, match="prefix_lengths: flash attention kernels are causal-only"):
         tiny_model(tokens(1, 4), prefix_lengths=torch.tensor([2]))
+
+
+def test_bf16_training_path_matches_fp32_loss_and_gradients():
+    """The CPU bf16 fast paths (matmul attention, chunked linear + cross-entropy) track fp32 closely."""
+    ids = tokens(4, 40)
+    labels = ids.clone()
+    labels[:, :10] = -100
+
+    def loss_and_grads(autocast: bool):
+        model = perturbed_model().train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(
+                ids, labels=labels, return_logits=False, prefix_lengths=torch.tensor([5, 9, 0, 3])
+            ).loss
+        loss.backward()
+        return loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    loss32, grad32 = loss_and_grads(False)
+    loss16, grad16 = loss_and_grads(True)
+    assert abs(loss16 - loss32) < 0.02
+    assert F.cosine_similarity(grad16, grad32, dim=0) > 0.99

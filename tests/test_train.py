@@ -187,3 +187,42 @@ def test_a_tokenizer_that_does_not_fit_the_model_is_refused(tokenizer_dir):
         check_tokenizer_matches(shifted, tokenizer)
     with pytest.raises(ValueError, match="gmask_token_id is 40"):
         infill(bilingual_glm.BilingualGlmForCausalLM(shifted), tokenizer, "[gMASK]")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_local_files_and_datasets_sources(tmp_path, tokenizer_dir, streaming):
+    """--train_files (txt + jsonl) and --dataset_name on a local folder, also streamed."""
+    from bilingual_glm.corpora import load_demo_corpus
+
+    texts = load_demo_corpus("train").shuffle(seed=1).select(range(300))["text"]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "part.jsonl").write_text(
+        "".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8"
+    )
+    (tmp_path / "extra.txt").write_text("\n\n".join(texts[:50]), encoding="utf-8")
+    source = (
+        ["--dataset_name", str(data)]
+        if streaming
+        else ["--train_files", str(tmp_path / "extra.txt"), str(data / "part.jsonl")]
+    )
+    out = tmp_path / "run"
+    run_train(
+        [
+            *source,
+            *(["--streaming"] if streaming else []),
+            "--objective",
+            "clm",
+            "--max_steps",
+            "3",
+            "--logging_steps",
+            "1",
+            "--output_dir",
+            str(out),
+            "--tokenizer",
+            str(tokenizer_dir),
+        ]
+    )
+    final = read_log(out)[-1]
+    assert "eval_ppl_all" in final and final["eval_ppl_all"] > 1
+    assert (out / "model.safetensors").is_file()

@@ -1,0 +1,599 @@
+"""Speed and memory of BilingualGlm against transformers' native ``GlmForCausalLM``: same config, same weights.
+
+The native model is built from ours by ``bilingual_glm.conversion.to_transformers_glm``, so both hold
+identical weights. Every timed row alternates the two (A B A B ...) after a warm-up and reports the median
+of ``--repeats`` runs: other jobs on the machine then slow both sides alike. Rows:
+
+| name                    | ours                                      | reference                    | ratio      |
+|-------------------------|-------------------------------------------|------------------------------|------------|
+| `train_fp32`            | tokens/s of fwd+bwd+AdamW, fp32           | native, same                 | ours/ref   |
+| `train_bf16`            | same under bf16 autocast                  | native, same                 | ours/ref   |
+| `bf16_vs_fp32`          | ours bf16 tokens/s                        | ours fp32 tokens/s           | ours/ref   |
+| `generate_b1`, `_b8`    | greedy new tokens/s, KV cache, fp32       | native                       | ours/ref   |
+| `train_peak_memory`     | peak memory of a train step (MiB)         | native                       | ours/ref   |
+| `glm_partB_logits`      | GLM blank-infilling step, logits on Part B | ours computing all logits   | ours/ref   |
+| `mfu_bf16`              | model FLOP/s of ours' bf16 train step     | measured bf16 matmul peak    | fraction   |
+| `pipeline_tokens_per_s` | tokenize + pack tokens/s, embedded corpus | --                           | = ours     |
+
+Each model trains the way its own stack does: ours with ``return_logits=False`` (as ``train.py``: logits
+only where there is a label), native through its standard ``labels=`` loss. Peak memory is measured in a
+fresh process per model and run (CPU: peak RSS above the process's RSS before the model was built, read
+from ``VmHWM``; CUDA: ``max_memory_allocated``) so the allocator state of one model never flatters the
+other. The bf16-or-fp32 choice of the memory and Part B rows follows ``--mixed_precision`` (``auto``: bf16
+where the hardware has it, as ``train.py`` does).
+
+    python benchmarks/run.py --quick --json bench-quick.json    # <= 5 minutes on 2 CPU cores
+    python benchmarks/run.py --json bench.json                  # small preset, batch 16 x 256
+    python benchmarks/run.py --device cuda --json bench-cuda.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Idle OpenMP threads sleep instead of spinning: on a shared machine a spinning thread waits on a peer
+# that another job has preempted, and every parallel region pays for it (2-3x slower steps at load 4 on
+# 2 cores). Set OMP_WAIT_POLICY=ACTIVE to measure the spinning default on a machine of your own.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402
+from transformers import GlmForCausalLM, HfArgumentParser  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM  # noqa: E402
+from bilingual_glm.configuration.configuration_bilingual_glm import GLM_SPECIAL_TOKENS  # noqa: E402
+from bilingual_glm.conversion import glm_config_from_ours, to_transformers_glm  # noqa: E402
+
+ROW_NAMES = (
+    "train_fp32",
+    "train_bf16",
+    "bf16_vs_fp32",
+    "generate_b1",
+    "generate_b8",
+    "train_peak_memory",
+    "glm_partB_logits",
+    "mfu_bf16",
+    "pipeline_tokens_per_s",
+)
+QUICK = dict(batch_size=8, warmup=1, memory_repeats=1, pipeline_documents=4000)
+
+
+@dataclass
+class BenchArgs:
+    """Everything a run depends on; written into the JSON next to the rows."""
+
+    preset: str = field(
+        default="small", metadata={"help": "Model size (configuration PRESETS): tiny, small, base."}
+    )
+    quick: bool = field(
+        default=False,
+        metadata={"help": f"<= 5 minutes on 2 CPU cores: overrides {QUICK} unless given explicitly."},
+    )
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+    json_path: str | None = field(
+        default=None, metadata={"aliases": ["--json"], "help": "Write machine + rows as JSON to this path."}
+    )
+    rows: str = field(default="all", metadata={"help": "Comma-separated row names to run, or 'all'."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per training batch."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per training row (and GLM source row)."})
+    repeats: int = field(default=7, metadata={"help": "Timed runs per side after warm-up (median reported)."})
+    warmup: int = field(default=2, metadata={"help": "Untimed runs per side first."})
+    gen_prompt: int = field(default=128, metadata={"help": "Prompt length of the generation rows."})
+    gen_new: int = field(default=128, metadata={"help": "New tokens per generation (greedy, KV cache)."})
+    memory_repeats: int = field(default=2, metadata={"help": "Fresh processes per side for the memory row."})
+    mixed_precision: str = field(
+        default="auto", metadata={"help": "Memory and Part B rows: bf16, no, or auto (bf16 where supported)."}
+    )
+    pipeline_documents: int | None = field(
+        default=None, metadata={"help": "Documents of the embedded corpus to tokenize (default: all)."}
+    )
+    attn_implementation: str = field(default="sdpa", metadata={"help": "Attention kernel of both models."})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
+    seed: int = field(default=0, metadata={"help": "Seeds weights and batches."})
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile both models for the train_* rows (opt-in, slow start)."},
+    )
+    profile: int = field(
+        default=0, metadata={"help": "Also profile one bf16 train step per side and keep its top N ops."}
+    )
+    memory_worker: str | None = field(
+        default=None, metadata={"help": "Internal: measure one side (ours|reference) in this process."}
+    )
+
+
+# ----------------------------------------------------------------------------------------- machine
+def cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    match = re.search(r"^flags\s*:(.*)$", text, flags=re.MULTILINE)
+    return set(match.group(1).split()) if match else set()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 where it is fast: GPUs that have it, CPUs with AVX512-BF16 or AMX (the rule of train.py)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "cpu_bf16": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "loadavg_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ------------------------------------------------------------------------------------------ timing
+Seconds = dict[str, float]
+
+
+def alternate(
+    runs: dict[str, Callable[[], Any]], args: BenchArgs, device: torch.device
+) -> tuple[Seconds, Seconds]:
+    """Median wall and CPU seconds of each callable, run A B A B ... (warm-up rounds first, untimed).
+
+    CPU seconds (``process_time``, every thread of this process) barely move when other jobs preempt
+    this one; they go into the JSON as ``cpu_time_ratios`` to tell a real difference from a noisy one.
+    """
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(args.warmup + args.repeats):
+        for name, run in runs.items():
+            synchronize(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            run()
+            synchronize(device)
+            if round_index >= args.warmup:
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
+    median = statistics.median
+    return {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}
+
+
+def row(
+    name: str, ours: float, reference: float | None, unit: str, ratio: float | None = None, cpu_ratio=None
+) -> dict:
+    """One result row; ``cpu_ratio`` (the same ratio from CPU seconds) is moved out of the rows by main."""
+    if ratio is None:
+        ratio = ours / reference if reference else ours
+    result = {"name": name, "ours": ours, "reference": reference, "ratio": ratio, "unit": unit}
+    return result if cpu_ratio is None else {**result, "_cpu_ratio": cpu_ratio}
+
+
+# ------------------------------------------------------------------------------------------ models
+def build_ours(args: BenchArgs, device: torch.device) -> BilingualGlmForCausalLM:
+    torch.manual_seed(args.seed)
+    config = BilingualGlmConfig.from_preset(args.preset, attn_implementation=args.attn_implementation)
+    return BilingualGlmForCausalLM(config).to(device)
+
+
+def build_native(ours: BilingualGlmForCausalLM, args: BenchArgs) -> GlmForCausalLM:
+    native = to_transformers_glm(ours).to(ours.device)
+    native.config._attn_implementation = args.attn_implementation
+    return native
+
+
+def random_ids(
+    args: BenchArgs, vocab_size: int, batch: int, length: int, device: torch.device
+) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    ids = torch.randint(len(GLM_SPECIAL_TOKENS), vocab_size, (batch, length), generator=generator)
+    return ids.to(device)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def train_step(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool
+) -> Callable[[], None]:
+    """One fwd+bwd+AdamW step, each model trained the way its own stack trains it."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    ours = isinstance(getattr(model, "_orig_mod", model), BilingualGlmForCausalLM)  # compiled or not
+    extra = {"return_logits": False} if ours else {}
+    model.train()
+
+    def step() -> None:
+        with autocast(device, bf16):
+            loss = model(**batch, use_cache=False, **extra).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def matmul_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """PaLM-style training FLOPs per token: 6 x (weights used in matmuls) + 12 x layers x width x seq_len.
+
+    Weights = every ``nn.Linear`` (``lm_head`` included, the embedding lookup not); attention is counted
+    over the full square (no causal discount), as in the PaLM appendix and nanoGPT's ``estimate_mfu``.
+    """
+    config = model.config
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * linear + attention
+
+
+def matmul_peak(device: torch.device, size: int, repeats: int) -> float:
+    """Best bf16 FLOP/s of a square matmul on this device (the denominator of MFU)."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    best = float("inf")
+    for index in range(repeats + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        synchronize(device)
+        if index >= 2:
+            best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+# -------------------------------------------------------------------------------------------- rows
+def bench_train(args: BenchArgs, device: torch.device, wanted: set[str]) -> list[dict]:
+    ours = build_ours(args, device)
+    native = build_native(ours, args)
+    ids = random_ids(args, ours.config.vocab_size, args.batch_size, args.seq_len, device)
+    batch = {"input_ids": ids, "labels": ids}
+    tokens = ids.numel()
+    if args.compile:  # both sides alike; compilation happens in the warm-up rounds
+        ours, native = torch.compile(ours), torch.compile(native)
+    rows, seconds, cpu = [], {}, {}
+    peak_size = 4096 if device.type == "cuda" else 2048
+    peak = matmul_peak(device, peak_size, repeats=15) if "mfu_bf16" in wanted else 0.0
+    for precision in ("fp32", "bf16"):
+        if not wanted & {f"train_{precision}", "bf16_vs_fp32", "mfu_bf16"}:
+            continue
+        bf16 = precision == "bf16"
+        steps = {
+            "ours": train_step(ours, batch, device, bf16),
+            "reference": train_step(native, batch, device, bf16),
+        }
+        seconds[precision], cpu[precision] = alternate(steps, args, device)
+        gc.collect()
+        ours_tps, ref_tps = (tokens / seconds[precision][side] for side in ("ours", "reference"))
+        cpu_ratio = cpu[precision]["reference"] / cpu[precision]["ours"]
+        if f"train_{precision}" in wanted:
+            rows.append(row(f"train_{precision}", ours_tps, ref_tps, "tokens/s", cpu_ratio=cpu_ratio))
+    if "bf16_vs_fp32" in wanted:
+        bf16_tps, fp32_tps = tokens / seconds["bf16"]["ours"], tokens / seconds["fp32"]["ours"]
+        cpu_ratio = cpu["fp32"]["ours"] / cpu["bf16"]["ours"]
+        rows.append(row("bf16_vs_fp32", bf16_tps, fp32_tps, "tokens/s", cpu_ratio=cpu_ratio))
+    if "mfu_bf16" in wanted:
+        achieved = matmul_flops_per_token(ours, args.seq_len) * tokens / seconds["bf16"]["ours"]
+        peak = max(peak, matmul_peak(device, peak_size, repeats=15))  # best of before and after the rows
+        rows.append(row("mfu_bf16", achieved, peak, "FLOP/s"))
+    return rows
+
+
+def greedy(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+        )
+
+
+def bench_generate(args: BenchArgs, device: torch.device, wanted: set[str]) -> list[dict]:
+    """Greedy decoding of ``gen_new`` tokens after a ``gen_prompt`` prompt, fp32, dynamic KV cache."""
+    ours = build_ours(args, device).eval()
+    native = build_native(ours, args).eval()
+    for model in (ours, native):  # exactly gen_new tokens: no early stop
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = ours.config.pad_token_id
+    rows = []
+    for batch in (1, 8):
+        if f"generate_b{batch}" not in wanted:
+            continue
+        ids = random_ids(args, ours.config.vocab_size, batch, args.gen_prompt, device)
+        if not torch.equal(greedy(ours, ids, args.gen_new), greedy(native, ids, args.gen_new)):
+            print(f"warning: generate_b{batch}: ours and native produced different tokens", file=sys.stderr)
+        runs = {
+            side: partial(greedy, model, ids, args.gen_new)
+            for side, model in (("ours", ours), ("reference", native))
+        }
+        warmed = dataclasses.replace(args, warmup=max(args.warmup - 1, 0))  # the check above warmed up
+        seconds, cpu = alternate(runs, warmed, device)
+        new_tokens = batch * args.gen_new
+        rows.append(
+            row(
+                f"generate_b{batch}",
+                new_tokens / seconds["ours"],
+                new_tokens / seconds["reference"],
+                "new tokens/s",
+                cpu_ratio=cpu["reference"] / cpu["ours"],
+            )
+        )
+    return rows
+
+
+def bench_memory(args: BenchArgs, device: torch.device, bf16: bool) -> list[dict]:
+    """Peak memory of a train step, each side in fresh processes, alternated."""
+    peaks: dict[str, list[float]] = {"ours": [], "reference": []}
+    for _ in range(args.memory_repeats):
+        for side in peaks:
+            command = [sys.executable, str(Path(__file__).resolve()), "--memory_worker", side]
+            command += ["--preset", args.preset, "--device", args.device, "--seed", str(args.seed)]
+            command += ["--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len)]
+            command += ["--mixed_precision", "bf16" if bf16 else "no"]
+            command += ["--attn_implementation", args.attn_implementation]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"memory worker ({side}) failed:\n{result.stdout}\n{result.stderr}")
+            peaks[side].append(json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"])
+    ours, reference = (statistics.median(peaks[side]) for side in ("ours", "reference"))
+    return [row("train_peak_memory", ours, reference, "MiB")]
+
+
+def _rss_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def memory_worker(args: BenchArgs, device: torch.device) -> None:
+    """Build one side, run two train steps, print its peak memory above the pre-build baseline as JSON."""
+    bf16 = args.mixed_precision == "bf16"
+    config = BilingualGlmConfig.from_preset(args.preset, attn_implementation=args.attn_implementation)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        baseline = _rss_kib("VmRSS") * 1024
+    torch.manual_seed(args.seed)
+    if args.memory_worker == "ours":
+        model: torch.nn.Module = BilingualGlmForCausalLM(config)
+    else:
+        model = GlmForCausalLM(glm_config_from_ours(config))
+        model.config._attn_implementation = args.attn_implementation
+    model.to(device)
+    ids = random_ids(args, config.vocab_size, args.batch_size, args.seq_len, device)
+    step = train_step(model, {"input_ids": ids, "labels": ids}, device, bf16)
+    for _ in range(2):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = _rss_kib("VmHWM") * 1024
+    print(json.dumps({"side": args.memory_worker, "peak_mib": (peak - baseline) / 2**20}))
+
+
+def glm_batch(args: BenchArgs, vocab_size: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """A token-level (GLM-Base) blank-infilling batch from random sources of ``seq_len`` tokens."""
+    from bilingual_glm.data import GLM_BASE_MIXTURE, BlankInfillingCollator
+
+    sources = random_ids(args, vocab_size, args.batch_size, args.seq_len, torch.device("cpu"))
+    collator = BlankInfillingCollator(mixture=GLM_BASE_MIXTURE, seed=args.seed)
+    batch = collator([{"input_ids": row.tolist()} for row in sources])
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def bench_partb(args: BenchArgs, device: torch.device, bf16: bool) -> list[dict]:
+    """A GLM train step with logits on supervised (Part B) positions only vs logits everywhere."""
+    model = build_ours(args, device)
+    batch = glm_batch(args, model.config.vocab_size, device)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    model.train()
+
+    def part_b() -> None:
+        with autocast(device, bf16):
+            loss = model(**batch, use_cache=False, return_logits=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def all_logits() -> None:  # what a standard HF causal LM loss does
+        with autocast(device, bf16):
+            logits = model(**inputs, use_cache=False).logits
+            loss = F.cross_entropy(
+                logits.float().flatten(0, 1), batch["shift_labels"].flatten(), ignore_index=-100
+            )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds, cpu = alternate({"ours": part_b, "reference": all_logits}, args, device)
+    tokens = int(batch["attention_mask"].sum())
+    ours, reference = tokens / seconds["ours"], tokens / seconds["reference"]
+    cpu_ratio = cpu["reference"] / cpu["ours"]
+    return [row("glm_partB_logits", ours, reference, "tokens/s", cpu_ratio=cpu_ratio)]
+
+
+def bench_pipeline(args: BenchArgs) -> list[dict]:
+    """Tokenize + pack (``pack_causal``, block ``seq_len``) the embedded corpus in batches of 1000."""
+    from bilingual_glm.corpora import load_demo_corpus
+    from bilingual_glm.data import pack_causal
+    from bilingual_glm.tokenizer import train_tokenizer
+
+    texts = load_demo_corpus("train")["text"]
+    if args.pipeline_documents:
+        texts = texts[: args.pipeline_documents]
+    vocab_size = BilingualGlmConfig.from_preset(args.preset).vocab_size
+    tokenizer = train_tokenizer(texts[::10], vocab_size=vocab_size)  # untimed: a tokenizer to time with
+    packed_tokens = 0
+
+    def pipeline() -> None:
+        nonlocal packed_tokens
+        packed_tokens = 0
+        for start in range(0, len(texts), 1000):
+            ids = tokenizer(texts[start : start + 1000], add_special_tokens=False, verbose=False)["input_ids"]
+            blocks = pack_causal(
+                {"input_ids": ids}, block_size=args.seq_len, eos_token_id=tokenizer.eos_token_id
+            )
+            packed_tokens += sum(map(len, blocks["input_ids"]))
+
+    runs = dataclasses.replace(args, warmup=1, repeats=3)
+    seconds = alternate({"ours": pipeline}, runs, torch.device("cpu"))[0]["ours"]
+    value = packed_tokens / seconds
+    return [row("pipeline_tokens_per_s", value, None, "tokens/s", ratio=value)]
+
+
+def profile_train_step(args: BenchArgs, device: torch.device) -> dict[str, list[dict]]:
+    """torch.profiler over one bf16 train step per side (after a warm-up step): top ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ours = build_ours(args, device)
+    native = build_native(ours, args)
+    ids = random_ids(args, ours.config.vocab_size, args.batch_size, args.seq_len, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    tops = {}
+    for side, model in (("ours", ours), ("reference", native)):
+        step = train_step(model, {"input_ids": ids, "labels": ids}, device, bf16=True)
+        step()
+        with profile(activities=activities) as profiler:
+            step()
+            synchronize(device)
+        events = sorted(
+            profiler.key_averages(), key=lambda e: e.self_device_time_total + e.self_cpu_time_total
+        )
+        total = sum(e.self_cpu_time_total + e.self_device_time_total for e in events) or 1
+        tops[side] = [
+            {
+                "op": e.key,
+                "self_ms": round((e.self_cpu_time_total + e.self_device_time_total) / 1e3, 2),
+                "share": round((e.self_cpu_time_total + e.self_device_time_total) / total, 4),
+                "calls": e.count,
+            }
+            for e in reversed(events[-args.profile :])
+        ]
+        print(f"profile, {side}, bf16 train step:")
+        for op in tops[side]:
+            print(f"  {op['self_ms']:9.1f} ms  {op['share']:6.1%}  {op['calls']:5d}x  {op['op']}")
+    return tops
+
+
+# -------------------------------------------------------------------------------------------- main
+def resolve(args: BenchArgs, explicit: set[str]) -> BenchArgs:
+    if args.quick:
+        args = dataclasses.replace(args, **{k: v for k, v in QUICK.items() if k not in explicit})
+    if args.mixed_precision not in ("auto", "bf16", "no"):
+        raise ValueError(f"--mixed_precision must be auto, bf16 or no, got {args.mixed_precision!r}")
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    unknown = set(args.rows.split(",")) - set(ROW_NAMES) - {"all"}
+    if unknown:
+        raise ValueError(f"--rows: unknown row(s) {sorted(unknown)}; choose from {ROW_NAMES}")
+    return args
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| name | ours | reference | ratio | unit |", "|---|---:|---:|---:|---|"]
+    for r in rows:
+        reference = "—" if r["reference"] is None else f"{r['reference']:.4g}"
+        lines.append(f"| `{r['name']}` | {r['ours']:.4g} | {reference} | {r['ratio']:.3f} | {r['unit']} |")
+    return "\n".join(lines)
+
+
+def main(args: BenchArgs) -> dict[str, Any]:
+    hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if args.memory_worker:
+        memory_worker(args, device)
+        return {}
+    wanted = set(ROW_NAMES) if args.rows == "all" else set(args.rows.split(","))
+    bf16 = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and bf16_supported(device))
+    machine = machine_info(device)
+    settings = {**dataclasses.asdict(args), "mixed_precision_resolved": "bf16" if bf16 else "no"}
+    print(json.dumps({"machine": machine, "settings": settings}))
+    started = time.perf_counter()
+    groups: list[tuple[set[str], Callable[[], list[dict]]]] = [
+        ({"train_fp32", "train_bf16", "bf16_vs_fp32", "mfu_bf16"}, lambda: bench_train(args, device, wanted)),
+        ({"generate_b1", "generate_b8"}, lambda: bench_generate(args, device, wanted)),
+        ({"train_peak_memory"}, lambda: bench_memory(args, device, bf16)),
+        ({"glm_partB_logits"}, lambda: bench_partb(args, device, bf16)),
+        ({"pipeline_tokens_per_s"}, lambda: bench_pipeline(args)),
+    ]
+    rows: list[dict] = []
+    for names, bench in groups:
+        if wanted & names:
+            group_start = time.perf_counter()
+            rows += bench()
+            print(f"{sorted(wanted & names)}: {time.perf_counter() - group_start:.1f} s", flush=True)
+    rows.sort(key=lambda r: ROW_NAMES.index(r["name"]))
+    cpu_time_ratios = {r["name"]: r.pop("_cpu_ratio") for r in rows if "_cpu_ratio" in r}
+    machine["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    settings["seconds"] = round(time.perf_counter() - started, 1)
+    print(markdown(rows))
+    print(f"{settings['seconds']} s; load average {machine['loadavg_start']} -> {machine['loadavg_end']}")
+    print("ratios from CPU seconds: " + json.dumps({k: round(v, 3) for k, v in cpu_time_ratios.items()}))
+    payload: dict[str, Any] = {
+        "machine": machine,
+        "settings": settings,
+        "rows": rows,
+        "cpu_time_ratios": cpu_time_ratios,
+    }
+    if args.profile:
+        payload["profile"] = profile_train_step(args, device)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
+
+
+if __name__ == "__main__":
+    parser = HfArgumentParser(BenchArgs)
+    (parsed,) = parser.parse_args_into_dataclasses()
+    given = {arg.lstrip("-").split("=")[0] for arg in sys.argv[1:] if arg.startswith("--")}
+    try:
+        main(resolve(parsed, given))
+    except ValueError as error:
+        print(f"run.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,62 @@
+"""Smoke test of benchmarks/run.py: a tiny run end to end, checking the JSON it writes (not the timings)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--preset", "tiny", "--quick", "--threads", "1", "--batch_size", "2", "--seq_len", "32"]
+TINY += ["--gen_prompt", "8", "--gen_new", "4", "--repeats", "1", "--warmup", "0"]
+TINY += ["--memory_repeats", "1", "--pipeline_documents", "200"]
+ROWS = [
+    "train_fp32",
+    "train_bf16",
+    "bf16_vs_fp32",
+    "generate_b1",
+    "generate_b8",
+    "train_peak_memory",
+    "glm_partB_logits",
+    "mfu_bf16",
+    "pipeline_tokens_per_s",
+]
+
+
+def test_tiny_run_writes_every_row_with_the_documented_schema(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), *TINY, "--json", str(out)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    payload = json.loads(out.read_text())
+    machine = payload["machine"]
+    assert {"cpu", "threads", "torch", "transformers", "device"} <= set(machine)
+    assert machine["threads"] == 1 and machine["device"] == "cpu"
+    rows = payload["rows"]
+    assert [row["name"] for row in rows] == ROWS
+    for row in rows:
+        assert set(row) == {"name", "ours", "reference", "ratio", "unit"}, row
+        assert isinstance(row["unit"], str) and row["unit"]
+        assert math.isfinite(row["ours"]) and row["ours"] > 0, row
+        if row["name"] == "pipeline_tokens_per_s":
+            assert row["reference"] is None and row["ratio"] == row["ours"]
+        else:
+            assert math.isfinite(row["reference"]) and row["reference"] > 0, row
+            assert math.isclose(row["ratio"], row["ours"] / row["reference"], rel_tol=1e-9), row
+    by_name = {row["name"]: row for row in rows}
+    assert by_name["bf16_vs_fp32"]["ours"] == by_name["train_bf16"]["ours"]
+    assert by_name["bf16_vs_fp32"]["reference"] == by_name["train_fp32"]["ours"]
+    assert 0 < by_name["mfu_bf16"]["ratio"] < 1
+    timed = {"train_fp32", "train_bf16", "bf16_vs_fp32", "generate_b1", "generate_b8", "glm_partB_logits"}
+    assert set(payload["cpu_time_ratios"]) == timed  # the noise check next to the wall-clock ratios
+    assert "| `train_fp32` |" in result.stdout  # the markdown table for the README
+
+
+def test_unknown_row_is_a_clear_error():
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", "train_fp64"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "train_fp64" in result.stderr
