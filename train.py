@@ -58,7 +58,7 @@ class TrainArguments:
         default="0.5,0.3,0.2",
         metadata={"help": "GLM token/sentence/document span mixture, drawn per batch (GLM-10B's default)."},
     )
-    max_steps: int = field(default=300, metadata={"help": "Optimizer steps."})
+    max_steps: int = field(default=600, metadata={"help": "Optimizer steps."})
     output_dir: str = field(default="runs/train-small", metadata={"help": "Where everything is written."})
     seed: int = field(default=42, metadata={"help": "Seeds model init, data order and masking."})
     tokenizer: str | None = field(
@@ -81,7 +81,7 @@ class TrainArguments:
         default=0.02, metadata={"help": "Held-out share of --train_files/--dataset_name without a split."}
     )
     block_size: int = field(default=256, metadata={"help": "Tokens per packed training block."})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "Blocks per process per step."})
+    per_device_train_batch_size: int = field(default=16, metadata={"help": "Blocks per process per step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
     warmup_steps: int | None = field(default=None, metadata={"help": "Linear warmup (default 5% of steps)."})
