@@ -17,11 +17,33 @@ CHECK = ROOT / "scripts" / "check_remote_code.py"
 def export_with_expectations(folder: Path, expected: Path) -> None:
     model = perturbed_model(seed=9)
     model.save_pretrained(folder)
+    write_expectations(model, expected)
+
+
+def write_expectations(model: torch.nn.Module, expected: Path) -> None:
+    """Logits and greedy output of `model`, for check_remote_code.py to compare against."""
     ids = torch.randint(11, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(ids).logits
         greedy = model.generate(ids[:1, :4], max_new_tokens=8, do_sample=False)
     torch.save({"input_ids": ids, "logits": logits, "greedy": greedy}, expected)
+
+
+def check_without_package(folder: Path, expected: Path, work: Path) -> subprocess.CompletedProcess:
+    """Run check_remote_code.py isolated (`-I`, no PYTHONPATH, fresh HF_HOME): only the folder's code runs."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    env["HF_HOME"] = str(work / "hf_home")  # fresh remote-code module cache
+    result = subprocess.run(
+        [sys.executable, "-I", str(CHECK), str(folder), str(expected)],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 def test_export_writes_flat_code_with_relative_import_only(tmp_path):
@@ -39,18 +61,7 @@ def test_export_writes_flat_code_with_relative_import_only(tmp_path):
 
 def test_exported_folder_loads_without_the_package(tmp_path):
     export_with_expectations(tmp_path / "model", tmp_path / "expected.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
-    env["HF_HOME"] = str(tmp_path / "hf_home")  # fresh remote-code module cache
-    result = subprocess.run(
-        [sys.executable, "-I", str(CHECK), str(tmp_path / "model"), str(tmp_path / "expected.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = check_without_package(tmp_path / "model", tmp_path / "expected.pt", tmp_path)
     assert "greedy_equal=True" in result.stdout
 
 
@@ -105,19 +116,5 @@ def test_push_to_hub_uploads_exactly_the_self_contained_folder(tmp_path, monkeyp
         "model.safetensors",
         "modeling_bilingual_glm.py",
     ]
-    ids = torch.randint(11, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        greedy = model.generate(ids[:1, :4], max_new_tokens=8, do_sample=False)
-        torch.save(
-            {"input_ids": ids, "logits": model(ids).logits, "greedy": greedy}, tmp_path / "expected.pt"
-        )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run(
-        [sys.executable, "-I", str(CHECK), str(uploaded), str(tmp_path / "expected.pt")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    write_expectations(model, tmp_path / "expected.pt")
+    check_without_package(uploaded, tmp_path / "expected.pt", tmp_path)
