@@ -128,13 +128,93 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return torch.cat((rotated.to(dtype), x[..., rotary:].to(dtype)), dim=-1)
 
 
-# ---------------------------------------------------------------------------------------- attention
+# ------------------------------------------------------------------------------------------- linear
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+_ONEDNN_MIN_MACS = 1 << 19  # below this a oneDNN call's fixed ~12 µs costs more than MKL's slower math
+
+
+def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """fp32 on CPU, a matmul big enough, outside autocast and compilation, oneDNN enabled.
+
+    torch sends CPU fp32 matmuls to MKL's sgemm; on AMD Zen that ran at 45 % of oneDNN's fp32 matmul
+    (210 vs 490 GFLOP/s on 2 Zen 5 cores, same shapes, same IEEE fp32 arithmetic). bf16 already goes to
+    oneDNN, and autocast and ``torch.compile`` pick their own kernels. ``torch.backends.mkldnn.flags(
+    enabled=False)`` turns this off.
+    """
+    return (
+        _ONEDNN_LINEAR is not None
+        and a.device.type == "cpu"
+        and a.dtype == b.dtype == torch.float32
+        and a.numel() * b.shape[0] >= _ONEDNN_MIN_MACS
+        and torch.backends.mkldnn.enabled
+        and not torch.is_autocast_enabled("cpu")
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ bᵀ (+ bias)`` for ``a [..., k]``, ``b [n, k]`` (either may be a transposed view), through
+    oneDNN where ``_use_onednn`` says so. No autograd: callers own the backward."""
+    if _use_onednn(a, b):
+        return _ONEDNN_LINEAR(a, b, bias, "none", [], "")
+    return F.linear(a, b, bias)
+
+
+class _OneDnnLinear(torch.autograd.Function):
+    """``F.linear`` with forward and both backward matmuls on oneDNN (see ``_use_onednn``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _matmul_nt(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_out: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
+        grad_x = grad_weight = grad_bias = None
+        # oneDNN directly: backward may run inside the caller's autocast region, which must not recast.
+        if ctx.needs_input_grad[0]:
+            grad_x = _ONEDNN_LINEAR(grad_rows, weight.T, None, "none", [], "").view(x.shape)  # [N, in]
+        if ctx.needs_input_grad[1]:
+            rows = x.reshape(-1, x.shape[-1])  # [N, in]
+            # The kernel copies a transposed first operand (the second is read in place): hand it the
+            # narrower of the two activations, at the price of transposing a weight-sized result.
+            if rows.shape[1] < grad_rows.shape[1]:
+                grad_weight = _ONEDNN_LINEAR(rows.T, grad_rows.T, None, "none", [], "").T.contiguous()
+            else:
+                grad_weight = _ONEDNN_LINEAR(grad_rows.T, rows.T, None, "none", [], "")  # [out, in]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_rows.sum(0)
+        return grad_x, grad_weight, grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, on oneDNN for CPU fp32 (the same arithmetic, a faster kernel)."""
+    if not _use_onednn(x, weight):
+        return F.linear(x, weight, bias)
+    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    grads = grads or (bias is not None and bias.requires_grad and torch.is_grad_enabled())
+    if grads:
+        return _OneDnnLinear.apply(x, weight, bias)
+    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")  # decoding: no autograd node to build
+
+
 def _is_plain_linear(module: nn.Module) -> bool:
     """An ``nn.Linear`` whose weight may be used directly: no subclass, hook or patched forward
     (LoRA, quantization, accelerate offloading) that its own forward would apply."""
     hooked = module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
     return type(module) is nn.Linear and not hooked
 
+
+def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``; a plain ``nn.Linear`` goes through ``linear`` (wrapped ones run their own forward)."""
+    return linear(x, module.weight, module.bias) if _is_plain_linear(module) else module(x)
+
+
+# ---------------------------------------------------------------------------------------- attention
 
 def eager_attention_forward(
     module: nn.Module,
@@ -203,7 +283,8 @@ def _use_matmul_attention(
 
     torch's CPU flash kernel is no faster in bf16 than in fp32 (measured on AVX512-BF16), so under bf16
     autocast it misses the bf16 matmul units (4x fp32); at training lengths two plain bf16 matmuls are
-    2-3x faster. fp32, GPUs, decoding, long sequences and per-head or float masks keep SDPA.
+    2-3x faster. fp32 keeps SDPA: there torch's batched matmuls go to MKL, and the two tied (measured).
+    GPUs, decoding, long sequences and per-head or float masks keep SDPA too.
     """
     device = query.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
@@ -272,12 +353,12 @@ class BilingualGlmAttention(nn.Module):
         projections = (self.q_proj, self.k_proj, self.v_proj)
         few_rows = hidden_states.numel() < 64 * hidden_states.shape[-1]
         if few_rows or not all(_is_plain_linear(projection) for projection in projections):
-            return torch.cat([projection(hidden_states) for projection in projections], dim=-1)
+            return torch.cat([project(projection, hidden_states) for projection in projections], dim=-1)
         weight = torch.cat([projection.weight for projection in projections])
         bias = (
             None if self.q_proj.bias is None else torch.cat([projection.bias for projection in projections])
         )
-        return F.linear(hidden_states, weight, bias)  # [B, T, (H + 2 KV) * D]
+        return linear(hidden_states, weight, bias)  # [B, T, (H + 2 KV) * D]
 
     def forward(
         self,
@@ -313,7 +394,7 @@ class BilingualGlmAttention(nn.Module):
             **kwargs,
         )
         output = output.reshape(batch, q_len, -1).contiguous()  # [B, T, H*D]
-        return self.o_proj(output), weights
+        return project(self.o_proj, output), weights
 
 
 # ---------------------------------------------------------------------------------------------- MLP
@@ -326,8 +407,8 @@ class BilingualGlmMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
+        gate, up = project(self.gate_up_proj, hidden_states).chunk(2, dim=-1)
+        return project(self.down_proj, up * F.silu(gate))
 
 
 # -------------------------------------------------------------------------------------------- layer
@@ -682,7 +763,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         inputs, matrix = hidden.to(compute_dtype), weight.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         accumulate = torch.promote_types(compute_dtype, torch.float32)  # softmax in fp32 (or better)
-        grad_weight = torch.zeros_like(weight, dtype=accumulate) if want_weight else None
+        # ∂weight accumulates transposed ([d, V]): the matmul then reads the big chunk gradient in place
+        # and copies only the [n, d] rows; one transpose at the end.
+        grad_weight = weight.new_zeros(weight.shape[::-1], dtype=accumulate) if want_weight else None
         loss = hidden.new_zeros((), dtype=accumulate)
         for start in range(0, inputs.shape[0], chunk):
             rows, target = inputs[start : start + chunk], targets[start : start + chunk, None]
@@ -690,7 +773,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # Zero rows up to a multiple of 64: oneDNN keeps a kernel per bf16 matmul shape, and a row
             # count that changes every batch grew that cache (RSS) by hundreds of MB in a soak run.
             rows = F.pad(rows, (0, 0, 0, -n % 64))  # [n_padded, d]
-            logits = torch.matmul(rows, matrix.T).to(accumulate)  # [n_padded, V]
+            logits = _matmul_nt(rows, matrix).to(accumulate)  # [n_padded, V]
             log_probs = torch.log_softmax(logits, dim=-1)
             loss -= log_probs[:n].gather(-1, target).sum()
             if want_hidden or want_weight:
@@ -699,10 +782,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_logits[n:] = 0  # padding rows carry no gradient
                 grad_logits = grad_logits.to(compute_dtype)
                 if want_hidden:
-                    grad_hidden[start : start + n] = torch.matmul(grad_logits, matrix)[:n]
+                    grad_hidden[start : start + n] = _matmul_nt(grad_logits, matrix.T)[:n]
                 if want_weight:
-                    grad_weight += torch.matmul(grad_logits.T, rows)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+                    grad_weight += _matmul_nt(rows.T, grad_logits.T)  # [d, V]
+        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.T.contiguous())
         ctx.weight_dtype = weight.dtype
         return loss
 
@@ -781,7 +864,7 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
             loss = self._supervised_loss(hidden_states, shift_labels, num_items_in_batch)
         logits = None
         if return_logits or loss is None:
-            logits = self.lm_head(_keep(hidden_states, logits_to_keep))
+            logits = project(self.lm_head, _keep(hidden_states, logits_to_keep))
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -882,7 +965,7 @@ class BilingualGlmForSequenceClassification(BilingualGlmPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        logits = self.score(outputs.last_hidden_state)  # [B, T, num_labels]
+        logits = project(self.score, outputs.last_hidden_state)  # [B, T, num_labels]
         last = self._last_token_index(input_ids, attention_mask, logits.shape[:2])
         pooled_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]  # [B, num_labels]
         loss = None

@@ -14,6 +14,7 @@ from transformers import (
 
 import bilingual_glm
 from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM, BilingualGlmForSequenceClassification
+from bilingual_glm.modeling import modeling_bilingual_glm as mgm
 from bilingual_glm.modeling.modeling_bilingual_glm import build_attention_mask
 
 from .conftest import perturbed_model
@@ -199,6 +200,63 @@ def test_eager_and_sdpa_agree_with_padding_prefix_and_2d_positions(tiny_model):
     real = padding.bool()
     assert torch.allclose(results["eager"][real], results["sdpa"][real], atol=1e-5)
     assert not results["sdpa"].isnan().any()
+
+
+needs_onednn = pytest.mark.skipif(mgm._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
+
+
+@pytest.fixture
+def onednn_everywhere(monkeypatch):
+    """Tiny shapes fall under the size threshold of the oneDNN path: lift it."""
+    monkeypatch.setattr(mgm, "_ONEDNN_MIN_MACS", 0)
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(3, 17, 40), (5, 40), (1, 1, 40)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_matches_f_linear_values_and_gradients(shape, bias, onednn_everywhere):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=generator).requires_grad_()
+    weight = torch.randn(24, 40, generator=generator).requires_grad_()
+    b = torch.randn(24, generator=generator).requires_grad_() if bias else None
+    grad = torch.randn(*shape[:-1], 24, generator=generator)
+    results = []
+    for function in (mgm.linear, F.linear):
+        out = function(x, weight, b)
+        leaves = [x, weight] + ([b] if bias else [])
+        results.append([out.detach()] + list(torch.autograd.grad(out, leaves, grad)))
+        if function is mgm.linear:
+            assert type(out.grad_fn).__name__ == "_OneDnnLinearBackward"
+    for ours, reference in zip(*results, strict=True):
+        assert ours.shape == reference.shape
+        assert torch.allclose(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_onednn_linear_steps_aside_for_autocast_disabled_mkldnn_and_small_matmuls():
+    x, weight = torch.randn(64, 128), torch.randn(256, 128, requires_grad=True)  # 2M multiply-adds
+    assert type(mgm.linear(x, weight).grad_fn).__name__ == "_OneDnnLinearBackward"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mgm.linear(x, weight).dtype == torch.bfloat16
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert type(mgm.linear(x, weight).grad_fn).__name__ != "_OneDnnLinearBackward"
+    assert mgm.linear(x.double(), weight.detach().double()).dtype == torch.float64
+    assert type(mgm.linear(x[:1], weight).grad_fn).__name__ != "_OneDnnLinearBackward"  # 32k: MKL
+
+
+@needs_onednn
+def test_model_gradients_agree_with_and_without_the_onednn_path(onednn_everywhere):
+    ids = tokens(2, 30)
+
+    def grads() -> torch.Tensor:
+        model = perturbed_model().train()
+        model(ids, labels=ids, return_logits=False).loss.backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    fast = grads()
+    with torch.backends.mkldnn.flags(enabled=False):
+        reference = grads()
+    assert torch.allclose(fast, reference, atol=1e-6, rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------- cache

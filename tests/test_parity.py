@@ -5,6 +5,7 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 from bilingual_glm.conversion import KEY_MAP, from_transformers_glm, main, to_transformers_glm
+from bilingual_glm.modeling import modeling_bilingual_glm as mgm
 
 from .conftest import RANDOM_CONFIGS, perturbed_model
 
@@ -95,3 +96,20 @@ def test_cli_round_trip_through_native_folders(tmp_path):
         assert (native(ids).logits - reference).abs().max().item() <= TOLERANCE
         assert (back(ids).logits - reference).abs().max().item() <= TOLERANCE
     assert back.config.gmask_token_id == ours.config.gmask_token_id
+
+
+@pytest.mark.skipif(mgm._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
+@pytest.mark.parametrize("overrides", RANDOM_CONFIGS[:3])
+def test_onednn_fp32_path_keeps_parity(overrides, monkeypatch):
+    """The CPU fp32 oneDNN linears (on for every matmul here, whatever its size) match native's MKL."""
+    monkeypatch.setattr(mgm, "_ONEDNN_MIN_MACS", 0)
+    ours = perturbed_model(seed=13, **overrides)
+    native = to_transformers_glm(ours)
+    ids = _inputs(ours.config)
+    ours_loss = ours(ids, labels=ids, return_logits=False).loss
+    native_loss = native(ids, labels=ids).loss
+    assert abs(ours_loss.item() - native_loss.item()) <= TOLERANCE
+    with torch.no_grad():
+        assert (ours(ids).logits - native(ids).logits).abs().max().item() <= TOLERANCE
+        greedy = [model.generate(ids[:1, :5], max_new_tokens=8, do_sample=False) for model in (ours, native)]
+    assert torch.equal(*greedy)
