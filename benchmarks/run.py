@@ -74,6 +74,8 @@ ROW_NAMES = (
     "pipeline_tokens_per_s",
 )
 QUICK = dict(batch_size=8, warmup=1, memory_repeats=1, pipeline_documents=4000)
+# Both sides, as train.py and Trainer (adamw_torch_fused) run it.
+ADAMW = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
 
 @dataclass
@@ -236,7 +238,7 @@ def train_step(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], device: torch.device, bf16: bool
 ) -> Callable[[], None]:
     """One fwd+bwd+AdamW step, each model trained the way its own stack trains it."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
     ours = isinstance(getattr(model, "_orig_mod", model), BilingualGlmForCausalLM)  # compiled or not
     extra = {"return_logits": False} if ours else {}
     model.train()
@@ -429,7 +431,7 @@ def bench_partb(args: BenchArgs, device: torch.device, bf16: bool) -> list[dict]
     model = build_ours(args, device)
     batch = glm_batch(args, model.config.vocab_size, device)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW)
     model.train()
 
     def part_b() -> None:
