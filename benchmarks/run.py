@@ -115,7 +115,7 @@ class BenchArgs:
         metadata={"help": "torch.compile both models for the train_* rows (opt-in, slow start)."},
     )
     profile: int = field(
-        default=0, metadata={"help": "Also profile one bf16 train step per side and keep its top N ops."}
+        default=0, metadata={"help": "Also profile one bf16 and one fp32 train step per side; keep the top N ops."}
     )
     memory_worker: str | None = field(
         default=None, metadata={"help": "Internal: measure one side (ours|reference) in this process."}
@@ -340,8 +340,10 @@ def bench_generate(args: BenchArgs, device: torch.device, wanted: set[str]) -> l
         if f"generate_b{batch}" not in wanted:
             continue
         ids = random_ids(args, ours.config.vocab_size, batch, args.gen_prompt, device)
-        if not torch.equal(greedy(ours, ids, args.gen_new), greedy(native, ids, args.gen_new)):
-            print(f"warning: generate_b{batch}: ours and native produced different tokens", file=sys.stderr)
+        ours_tokens, native_tokens = greedy(ours, ids, args.gen_new), greedy(native, ids, args.gen_new)
+        if not torch.equal(ours_tokens, native_tokens):  # fp32 kernels round differently: near-ties flip
+            first = int((ours_tokens != native_tokens).any(0).nonzero()[0]) - args.gen_prompt
+            print(f"note: generate_b{batch}: tokens differ from new token {first} on", file=sys.stderr)
         runs = {
             side: partial(greedy, model, ids, args.gen_new)
             for side, model in (("ours", ours), ("reference", native))
@@ -487,37 +489,41 @@ def bench_pipeline(args: BenchArgs) -> list[dict]:
     return [row("pipeline_tokens_per_s", value, None, "tokens/s", ratio=value)]
 
 
-def profile_train_step(args: BenchArgs, device: torch.device) -> dict[str, list[dict]]:
-    """torch.profiler over one bf16 train step per side (after a warm-up step): top ops by self time."""
+def profile_train_step(args: BenchArgs, device: torch.device) -> dict[str, dict[str, list[dict]]]:
+    """torch.profiler over one train step per precision and side (after a warm-up step): top ops by
+    self time, as ``{"bf16": {"ours": [...], "reference": [...]}, "fp32": {...}}``."""
     from torch.profiler import ProfilerActivity, profile
 
     ours = build_ours(args, device)
     native = build_native(ours, args)
     ids = random_ids(args, ours.config.vocab_size, args.batch_size, args.seq_len, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    tops = {}
-    for side, model in (("ours", ours), ("reference", native)):
-        step = train_step(model, {"input_ids": ids, "labels": ids}, device, bf16=True)
-        step()
-        with profile(activities=activities) as profiler:
+    tops: dict[str, dict[str, list[dict]]] = {}
+    for precision in ("bf16", "fp32"):
+        tops[precision] = {}
+        for side, model in (("ours", ours), ("reference", native)):
+            step = train_step(model, {"input_ids": ids, "labels": ids}, device, bf16=precision == "bf16")
             step()
-            synchronize(device)
-        events = sorted(
-            profiler.key_averages(), key=lambda e: e.self_device_time_total + e.self_cpu_time_total
-        )
-        total = sum(e.self_cpu_time_total + e.self_device_time_total for e in events) or 1
-        tops[side] = [
-            {
-                "op": e.key,
-                "self_ms": round((e.self_cpu_time_total + e.self_device_time_total) / 1e3, 2),
-                "share": round((e.self_cpu_time_total + e.self_device_time_total) / total, 4),
-                "calls": e.count,
-            }
-            for e in reversed(events[-args.profile :])
-        ]
-        print(f"profile, {side}, bf16 train step:")
-        for op in tops[side]:
-            print(f"  {op['self_ms']:9.1f} ms  {op['share']:6.1%}  {op['calls']:5d}x  {op['op']}")
+            with profile(activities=activities) as profiler:
+                step()
+                synchronize(device)
+            events = sorted(
+                profiler.key_averages(), key=lambda e: e.self_device_time_total + e.self_cpu_time_total
+            )
+            total = sum(e.self_cpu_time_total + e.self_device_time_total for e in events) or 1
+            top = [
+                {
+                    "op": e.key,
+                    "self_ms": round((e.self_cpu_time_total + e.self_device_time_total) / 1e3, 2),
+                    "share": round((e.self_cpu_time_total + e.self_device_time_total) / total, 4),
+                    "calls": e.count,
+                }
+                for e in reversed(events[-args.profile :])
+            ]
+            tops[precision][side] = top
+            print(f"profile, {side}, {precision} train step ({total / 1e3:.1f} ms of self time):")
+            for op in top:
+                print(f"  {op['self_ms']:9.1f} ms  {op['share']:6.1%}  {op['calls']:5d}x  {op['op']}")
     return tops
 
 
