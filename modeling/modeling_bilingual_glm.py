@@ -14,7 +14,9 @@ Model → heads):
 With 1D positions (or block positions all zero) and no prefix this is exactly transformers' native
 ``GlmForCausalLM``, weight name for weight name; ``bilingual_glm.conversion`` moves checkpoints both ways.
 
-This file ships as Hub remote code, so it imports only public transformers API.
+The faster paths it takes where they apply (oneDNN fp32 linears on CPU, bf16 matmul attention on CPU, a
+chunked linear + cross-entropy) live in ``kernels_bilingual_glm.py`` beside it, each with the plain op as
+its fallback. This file ships as Hub remote code, so it imports only public transformers API.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ except ImportError:  # pragma: no cover - older transformers
     GradientCheckpointingLayer = nn.Module
 
 from ..configuration.configuration_bilingual_glm import BilingualGlmConfig  # flat in exported folders
+from .kernels_bilingual_glm import (
+    is_plain_linear,
+    linear,
+    linear_cross_entropy,
+    matmul_attention_forward,
+    project,
+    use_matmul_attention,
+)
 
 # transformers 5.x renamed the outputs' `past_key_values` field to `cache`.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -128,94 +138,7 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
     return torch.cat((rotated.to(dtype), x[..., rotary:].to(dtype)), dim=-1)
 
 
-# ------------------------------------------------------------------------------------------- linear
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-_ONEDNN_MIN_MACS = 1 << 19  # below this a oneDNN call's fixed ~12 µs costs more than MKL's slower math
-
-
-def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """fp32 on CPU, a matmul big enough, outside autocast and compilation, oneDNN enabled.
-
-    torch sends CPU fp32 matmuls to MKL's sgemm; on AMD Zen that ran at 45 % of oneDNN's fp32 matmul
-    (210 vs 490 GFLOP/s on 2 Zen 5 cores, same shapes, same IEEE fp32 arithmetic). bf16 already goes to
-    oneDNN, and autocast and ``torch.compile`` pick their own kernels. ``torch.backends.mkldnn.flags(
-    enabled=False)`` turns this off.
-    """
-    return (
-        _ONEDNN_LINEAR is not None
-        and a.device.type == "cpu"
-        and a.dtype == b.dtype == torch.float32
-        and a.numel() * b.shape[0] >= _ONEDNN_MIN_MACS
-        and torch.backends.mkldnn.enabled
-        and not torch.is_autocast_enabled("cpu")
-        and not torch.compiler.is_compiling()
-    )
-
-
-def _matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ bᵀ (+ bias)`` for ``a [..., k]``, ``b [n, k]`` (either may be a transposed view), through
-    oneDNN where ``_use_onednn`` says so. No autograd: callers own the backward."""
-    if _use_onednn(a, b):
-        return _ONEDNN_LINEAR(a, b, bias, "none", [], "")
-    return F.linear(a, b, bias)
-
-
-class _OneDnnLinear(torch.autograd.Function):
-    """``F.linear`` with forward and both backward matmuls on oneDNN (see ``_use_onednn``)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _matmul_nt(x, weight, bias)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_out: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])  # [N, out]
-        grad_x = grad_weight = grad_bias = None
-        # oneDNN directly: backward may run inside the caller's autocast region, which must not recast.
-        if ctx.needs_input_grad[0]:
-            grad_x = _ONEDNN_LINEAR(grad_rows, weight.T, None, "none", [], "").view(x.shape)  # [N, in]
-        if ctx.needs_input_grad[1]:
-            rows = x.reshape(-1, x.shape[-1])  # [N, in]
-            # The kernel copies a transposed first operand (the second is read in place): hand it the
-            # narrower of the two activations, at the price of transposing a weight-sized result.
-            if rows.shape[1] < grad_rows.shape[1]:
-                grad_weight = _ONEDNN_LINEAR(rows.T, grad_rows.T, None, "none", [], "").T.contiguous()
-            else:
-                grad_weight = _ONEDNN_LINEAR(grad_rows.T, rows.T, None, "none", [], "")  # [out, in]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_rows.sum(0)
-        return grad_x, grad_weight, grad_bias
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, on oneDNN for CPU fp32 (the same arithmetic, a faster kernel)."""
-    if not _use_onednn(x, weight):
-        return F.linear(x, weight, bias)
-    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    grads = grads or (bias is not None and bias.requires_grad and torch.is_grad_enabled())
-    if grads:
-        return _OneDnnLinear.apply(x, weight, bias)
-    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")  # decoding: no autograd node to build
-
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` whose weight may be used directly: no subclass, hook or patched forward
-    (LoRA, quantization, accelerate offloading) that its own forward would apply."""
-    hooked = module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
-    return type(module) is nn.Linear and not hooked
-
-
-def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; a plain ``nn.Linear`` goes through ``linear`` (wrapped ones run their own forward)."""
-    return linear(x, module.weight, module.bias) if _is_plain_linear(module) else module(x)
-
-
 # ---------------------------------------------------------------------------------------- attention
-
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -239,89 +162,6 @@ def eager_attention_forward(
     grouped = weights.view(batch, kv_heads, heads // kv_heads, q_len, -1)
     output = torch.matmul(grouped, value.unsqueeze(2)).view(batch, heads, q_len, head_dim)
     return output.transpose(1, 2).contiguous(), weights  # [B, Tq, H, D]
-
-
-class _MatmulAttention(torch.autograd.Function):
-    """``softmax(q kᵀ, masked) v`` (q pre-scaled) as two bf16 matmuls around the bf16 softmax kernel.
-
-    The scores stay in bf16 (what a bf16 matmul gives; the softmax kernels accumulate in fp32), so no
-    ``[Tq, Tk]`` tensor is ever converted. The ``G`` query heads sharing a K/V head are stacked along the
-    rows (``[B, KV, G·Tq, D]``): GQA needs no K/V copies and ``∂k``, ``∂v`` come out summed over the
-    group. Backward keeps the probabilities (2·Tq·Tk bytes per head; flash attention recomputes them).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, query, key, value, blocked) -> torch.Tensor:
-        # query [B, KV, G*Tq, D]; key, value [B, KV, Tk, D]; blocked: bool [B|1, 1, 1, Tq, Tk], True = hidden
-        scores = torch.matmul(query, key.transpose(-1, -2))  # [B, KV, G*Tq, Tk]
-        batch, kv_heads, rows, kv_len = scores.shape
-        q_len = blocked.shape[-2]
-        hidden = torch.finfo(scores.dtype).min
-        scores.view(batch, kv_heads, rows // q_len, q_len, kv_len).masked_fill_(blocked, hidden)
-        probs = torch.softmax(scores, dim=-1)
-        ctx.save_for_backward(query, key, value, probs)
-        return torch.matmul(probs, value)  # [B, KV, G*Tq, D]
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor):
-        query, key, value, probs = ctx.saved_tensors
-        grad_value = torch.matmul(probs.transpose(-1, -2), grad_out)  # [B, KV, Tk, D]
-        grad_probs = torch.matmul(grad_out, value.transpose(-1, -2))  # [B, KV, G*Tq, Tk]
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        grad_query = torch.matmul(grad_scores, key)
-        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query)
-        return grad_query, grad_key, grad_value, None
-
-
-_MATMUL_ATTENTION_MAX_SCORES = 1 << 25  # beyond this many scores per call, SDPA's tiling wins on memory
-
-
-def _use_matmul_attention(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
-) -> bool:
-    """``_MatmulAttention`` instead of SDPA: CPU, bf16 compute, no dropout, causal or a bool mask.
-
-    torch's CPU flash kernel is no faster in bf16 than in fp32 (measured on AVX512-BF16), so under bf16
-    autocast it misses the bf16 matmul units (4x fp32); at training lengths two plain bf16 matmuls are
-    2-3x faster. fp32 keeps SDPA: there torch's batched matmuls go to MKL, and the two tied (measured).
-    GPUs, decoding, long sequences and per-head or float masks keep SDPA too.
-    """
-    device = query.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
-    batch, heads, q_len, _ = query.shape
-    kv_len = key.shape[2]
-    if attention_mask is None:
-        mask_ok = q_len == kv_len  # SDPA's is_causal
-    else:
-        mask_ok = (
-            attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
-        )
-    dropout = module.training and module.attention_dropout > 0
-    small = batch * heads * q_len * kv_len <= _MATMUL_ATTENTION_MAX_SCORES
-    return device == "cpu" and dtype == torch.bfloat16 and not dropout and q_len > 1 and mask_ok and small
-
-
-def matmul_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """SDPA's contract (bool mask, or ``None`` = causal) computed in bf16 by ``_MatmulAttention``."""
-    batch, heads, q_len, head_dim = query.shape
-    kv_heads, kv_len = key.shape[1], key.shape[2]
-    if attention_mask is None:  # causal, Tq == Tk
-        blocked = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).triu_(1)
-    else:
-        blocked = ~attention_mask[:, :, None]  # [B|1, 1, 1, Tq, Tk]
-    with torch.autocast(query.device.type, enabled=False):
-        stacked = (query * scaling).bfloat16().reshape(batch, kv_heads, -1, head_dim)  # [B, KV, G*Tq, D]
-        output = _MatmulAttention.apply(stacked, key.bfloat16(), value.bfloat16(), blocked)
-    output = output.view(batch, heads, q_len, head_dim)
-    return output.transpose(1, 2).contiguous(), None  # [B, Tq, H, D]
 
 
 class BilingualGlmAttention(nn.Module):
@@ -352,7 +192,7 @@ class BilingualGlmAttention(nn.Module):
         run the three modules."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         few_rows = hidden_states.numel() < 64 * hidden_states.shape[-1]
-        if few_rows or not all(_is_plain_linear(projection) for projection in projections):
+        if few_rows or not all(is_plain_linear(projection) for projection in projections):
             return torch.cat([project(projection, hidden_states) for projection in projections], dim=-1)
         weight = torch.cat([projection.weight for projection in projections])
         bias = (
@@ -379,7 +219,7 @@ class BilingualGlmAttention(nn.Module):
 
         implementation = self.config._attn_implementation or "eager"
         attention = eager_attention_forward
-        if implementation == "sdpa" and _use_matmul_attention(self, query, key, attention_mask):
+        if implementation == "sdpa" and use_matmul_attention(self, query, key, attention_mask):
             attention = matmul_attention_forward
         elif implementation != "eager":
             attention = ALL_ATTENTION_FUNCTIONS[implementation]
@@ -744,59 +584,6 @@ def _keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> to
     return hidden_states[:, logits_to_keep]
 
 
-_LOSS_CHUNK_LOGITS = 1 << 21  # logits per loss chunk: 8 MiB in fp32, cache-sized
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross-entropy of ``hidden @ weightᵀ`` a chunk of rows at a time, gradients in forward.
-
-    The ``[N, V]`` logits never exist at once (in fp32 that is 128 MiB for 4096 rows of an 8k vocabulary,
-    plus as much again for their softmax and gradient): each chunk's logits become its loss and its
-    gradient (softmax minus one-hot), which is multiplied out into ``∂hidden`` and ``∂weight`` before
-    the next chunk. The loss is the graph's last node, so backward only scales those by ``∂loss``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, hidden, weight, targets, compute_dtype: torch.dtype, chunk: int) -> torch.Tensor:
-        # hidden [N, d], weight [V, d], targets [N]: the rows of supervised positions only
-        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        inputs, matrix = hidden.to(compute_dtype), weight.to(compute_dtype)
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        accumulate = torch.promote_types(compute_dtype, torch.float32)  # softmax in fp32 (or better)
-        # ∂weight accumulates transposed ([d, V]): the matmul then reads the big chunk gradient in place
-        # and copies only the [n, d] rows; one transpose at the end.
-        grad_weight = weight.new_zeros(weight.shape[::-1], dtype=accumulate) if want_weight else None
-        loss = hidden.new_zeros((), dtype=accumulate)
-        for start in range(0, inputs.shape[0], chunk):
-            rows, target = inputs[start : start + chunk], targets[start : start + chunk, None]
-            n = rows.shape[0]
-            # Zero rows up to a multiple of 64: oneDNN keeps a kernel per bf16 matmul shape, and a row
-            # count that changes every batch grew that cache (RSS) by hundreds of MB in a soak run.
-            rows = F.pad(rows, (0, 0, 0, -n % 64))  # [n_padded, d]
-            logits = _matmul_nt(rows, matrix).to(accumulate)  # [n_padded, V]
-            log_probs = torch.log_softmax(logits, dim=-1)
-            loss -= log_probs[:n].gather(-1, target).sum()
-            if want_hidden or want_weight:
-                grad_logits = log_probs.exp_()
-                grad_logits[:n].scatter_add_(-1, target, torch.full_like(target, -1.0, dtype=accumulate))
-                grad_logits[n:] = 0  # padding rows carry no gradient
-                grad_logits = grad_logits.to(compute_dtype)
-                if want_hidden:
-                    grad_hidden[start : start + n] = _matmul_nt(grad_logits, matrix.T)[:n]
-                if want_weight:
-                    grad_weight += _matmul_nt(rows.T, grad_logits.T)  # [d, V]
-        ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.T.contiguous())
-        ctx.weight_dtype = weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx: Any, grad_loss: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss.to(grad_hidden.dtype)
-        grad_weight = None if grad_weight is None else (grad_weight * grad_loss).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
-
-
 class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -879,20 +666,15 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """Cross-entropy over supervised positions only: the vocabulary projection runs on those rows.
 
-        A plain ``lm_head`` goes through ``_LinearCrossEntropy`` in chunks of ~``_LOSS_CHUNK_LOGITS``
-        logits; a wrapped one (LoRA, quantized, hooked) through its own forward and full logits.
+        A plain ``lm_head`` goes through ``linear_cross_entropy`` (chunks of rows, never the full logits);
+        a wrapped one (LoRA, quantized, hooked) through its own forward and full logits.
         """
         shift_labels = shift_labels.to(hidden_states.device)
         supervised = shift_labels != -100  # [B, T]
         hidden, targets = hidden_states[supervised], shift_labels[supervised]  # [N, d], [N]
         head = self.lm_head
-        if _is_plain_linear(head) and head.bias is None:
-            device = hidden.device.type
-            dtype = (
-                torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else head.weight.dtype
-            )
-            chunk = max(64, _LOSS_CHUNK_LOGITS // head.out_features)
-            loss = _LinearCrossEntropy.apply(hidden, head.weight, targets, dtype, chunk)
+        if is_plain_linear(head) and head.bias is None:
+            loss = linear_cross_entropy(hidden, head.weight, targets)
         else:
             loss = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
         if num_items_in_batch is None:
@@ -1009,14 +791,15 @@ _FLAT_IMPORT = "from .configuration_bilingual_glm import BilingualGlmConfig"
 
 
 def write_remote_code(save_directory: str | os.PathLike) -> None:
-    """Write this file and the config file side by side, with the one relative import made flat.
+    """Write this file, its kernels and the config file side by side, the config import made flat.
 
     transformers' ``custom_object_save`` copies only same-folder relative imports, and the package keeps
-    the two files in separate folders, so the export writes them itself (atomically: temp file, rename).
+    the config in a separate folder, so the export writes all three itself (atomically: temp, rename).
     """
     sources = {
         "modeling_bilingual_glm.py": inspect.getsource(inspect.getmodule(BilingualGlmPreTrainedModel)),
         "configuration_bilingual_glm.py": inspect.getsource(inspect.getmodule(BilingualGlmConfig)),
+        "kernels_bilingual_glm.py": inspect.getsource(inspect.getmodule(linear)),
     }
     sources["modeling_bilingual_glm.py"] = sources["modeling_bilingual_glm.py"].replace(
         _PACKAGE_IMPORT, _FLAT_IMPORT, 1

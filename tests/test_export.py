@@ -113,6 +113,7 @@ def test_push_to_hub_uploads_exactly_the_self_contained_folder(tmp_path, monkeyp
         "config.json",
         "configuration_bilingual_glm.py",
         "generation_config.json",
+        "kernels_bilingual_glm.py",
         "model.safetensors",
         "modeling_bilingual_glm.py",
     ]

@@ -14,7 +14,7 @@ from transformers import (
 
 import bilingual_glm
 from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM, BilingualGlmForSequenceClassification
-from bilingual_glm.modeling import modeling_bilingual_glm as mgm
+from bilingual_glm.modeling import kernels_bilingual_glm as kernels
 from bilingual_glm.modeling.modeling_bilingual_glm import build_attention_mask
 
 from .conftest import perturbed_model
@@ -202,13 +202,13 @@ def test_eager_and_sdpa_agree_with_padding_prefix_and_2d_positions(tiny_model):
     assert not results["sdpa"].isnan().any()
 
 
-needs_onednn = pytest.mark.skipif(mgm._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
+needs_onednn = pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
 
 
 @pytest.fixture
 def onednn_everywhere(monkeypatch):
     """Tiny shapes fall under the size threshold of the oneDNN path: lift it."""
-    monkeypatch.setattr(mgm, "_ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(kernels, "_ONEDNN_MIN_MACS", 0)
 
 
 @needs_onednn
@@ -221,11 +221,11 @@ def test_onednn_linear_matches_f_linear_values_and_gradients(shape, bias, onednn
     b = torch.randn(24, generator=generator).requires_grad_() if bias else None
     grad = torch.randn(*shape[:-1], 24, generator=generator)
     results = []
-    for function in (mgm.linear, F.linear):
+    for function in (kernels.linear, F.linear):
         out = function(x, weight, b)
         leaves = [x, weight] + ([b] if bias else [])
         results.append([out.detach()] + list(torch.autograd.grad(out, leaves, grad)))
-        if function is mgm.linear:
+        if function is kernels.linear:
             assert type(out.grad_fn).__name__ == "_OneDnnLinearBackward"
     for ours, reference in zip(*results, strict=True):
         assert ours.shape == reference.shape
@@ -235,13 +235,13 @@ def test_onednn_linear_matches_f_linear_values_and_gradients(shape, bias, onednn
 @needs_onednn
 def test_onednn_linear_steps_aside_for_autocast_disabled_mkldnn_and_small_matmuls():
     x, weight = torch.randn(64, 128), torch.randn(256, 128, requires_grad=True)  # 2M multiply-adds
-    assert type(mgm.linear(x, weight).grad_fn).__name__ == "_OneDnnLinearBackward"
+    assert type(kernels.linear(x, weight).grad_fn).__name__ == "_OneDnnLinearBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert mgm.linear(x, weight).dtype == torch.bfloat16
+        assert kernels.linear(x, weight).dtype == torch.bfloat16
     with torch.backends.mkldnn.flags(enabled=False):
-        assert type(mgm.linear(x, weight).grad_fn).__name__ != "_OneDnnLinearBackward"
-    assert mgm.linear(x.double(), weight.detach().double()).dtype == torch.float64
-    assert type(mgm.linear(x[:1], weight).grad_fn).__name__ != "_OneDnnLinearBackward"  # 32k: MKL
+        assert type(kernels.linear(x, weight).grad_fn).__name__ != "_OneDnnLinearBackward"
+    assert kernels.linear(x.double(), weight.detach().double()).dtype == torch.float64
+    assert type(kernels.linear(x[:1], weight).grad_fn).__name__ != "_OneDnnLinearBackward"  # 32k: MKL
 
 
 @needs_onednn
@@ -392,7 +392,11 @@ def test_save_load_round_trip_in_process(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     names = {p.name for p in tmp_path.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors"} <= names
-    assert {"configuration_bilingual_glm.py", "modeling_bilingual_glm.py"} <= names
+    assert {
+        "configuration_bilingual_glm.py",
+        "modeling_bilingual_glm.py",
+        "kernels_bilingual_glm.py",
+    } <= names
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(reloaded, BilingualGlmForCausalLM)  # the installed class, no trust_remote_code
     ids = tokens(2, 6)

@@ -5,7 +5,7 @@ import torch
 from transformers import GlmConfig, GlmForCausalLM
 
 from bilingual_glm.conversion import KEY_MAP, from_transformers_glm, main, to_transformers_glm
-from bilingual_glm.modeling import modeling_bilingual_glm as mgm
+from bilingual_glm.modeling import kernels_bilingual_glm as kernels
 
 from .conftest import RANDOM_CONFIGS, perturbed_model
 
@@ -98,11 +98,11 @@ def test_cli_round_trip_through_native_folders(tmp_path):
     assert back.config.gmask_token_id == ours.config.gmask_token_id
 
 
-@pytest.mark.skipif(mgm._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
+@pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
 @pytest.mark.parametrize("overrides", RANDOM_CONFIGS[:3])
 def test_onednn_fp32_path_keeps_parity(overrides, monkeypatch):
     """The CPU fp32 oneDNN linears (on for every matmul here, whatever its size) match native's MKL."""
-    monkeypatch.setattr(mgm, "_ONEDNN_MIN_MACS", 0)
+    monkeypatch.setattr(kernels, "_ONEDNN_MIN_MACS", 0)
     ours = perturbed_model(seed=13, **overrides)
     native = to_transformers_glm(ours)
     ids = _inputs(ours.config)
