@@ -86,9 +86,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear``, on oneDNN for CPU fp32 (the same arithmetic, a faster kernel)."""
     if not _use_onednn(x, weight):
         return F.linear(x, weight, bias)
-    grads = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    grads = grads or (bias is not None and bias.requires_grad and torch.is_grad_enabled())
-    if grads:
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _OneDnnLinear.apply(x, weight, bias)
     return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")  # decoding: no autograd node to build
 
