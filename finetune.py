@@ -4,6 +4,7 @@
     python finetune.py --task cloze --model_name_or_path runs/train-small --output_dir runs/cloze     # GLM cloze
     python finetune.py --task sft --model_name_or_path PRE --train_file chats.jsonl --output_dir runs/chat
     python finetune.py ... --lora_r 8 [--merge_lora]                                                 # LoRA
+    python finetune.py ... --save_steps 100 --resume_from_checkpoint latest                          # resume
     torchrun --nproc_per_node 8 finetune.py ...                                                      # multi-GPU
     accelerate launch --config_file examples/accelerate/fsdp.yaml finetune.py ...
 
@@ -637,6 +638,28 @@ def evaluate_and_test(
         trainer.save_metrics("test", test_metrics)
 
 
+def resolve_resume(output_dir: Path, spec: str | None) -> str | None:
+    """``--resume_from_checkpoint latest``: the newest checkpoint Trainer finished writing.
+
+    Trainer writes a checkpoint in place and ``trainer_state.json`` last, so a run killed mid-save leaves a
+    ``checkpoint-N`` without it; its own "last checkpoint" lookup would pick that folder and fail.
+    """
+    if spec is None or spec.lower() in ("false", "none", ""):
+        return None
+    if spec != "latest":
+        if not (Path(spec) / "trainer_state.json").is_file():
+            raise ValueError(f"--resume_from_checkpoint: {spec} is not a complete Trainer checkpoint")
+        return spec
+    complete = [
+        path
+        for path in output_dir.glob("checkpoint-*")
+        if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()
+    ]
+    if not complete:
+        raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint-* in {output_dir}")
+    return str(max(complete, key=lambda path: int(path.name.split("-")[-1])))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
@@ -644,6 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     args.max_length = args.max_length or (1024 if args.task == "sft" else 256)
     setup_logging(training_args)
     output_dir = Path(training_args.output_dir)
+    training_args.resume_from_checkpoint = resolve_resume(output_dir, training_args.resume_from_checkpoint)
     set_seed(training_args.seed)
 
     # --- tokenizer, data

@@ -11,10 +11,12 @@ import importlib.util
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -503,3 +505,60 @@ def test_two_process_torchrun_run_matches_the_single_process_contract(tmp_path, 
     assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
     assert "eval_accuracy" in json.loads((out / "eval_results.json").read_text())
     assert "test_accuracy" in json.loads((out / "test_results.json").read_text())
+
+
+def test_sigkill_then_resume_latest_repeats_the_uninterrupted_losses(tmp_path, pretrained_dir):
+    """Trainer checkpoints are written in place: `latest` takes the newest one that has its
+    trainer_state.json (written last), and the resumed run logs the same loss at every step."""
+    resumable = [*QUICK, "--max_steps", "12", "--save_strategy", "steps", "--save_steps", "4"]
+    resumable += ["--model_name_or_path", str(pretrained_dir)]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def command(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, str(ROOT / "finetune.py"), *resumable, "--output_dir", str(out), *extra]
+
+    def loss_records(out: Path) -> list[dict]:
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        return [r for r in records if "loss" in r and "step" in r]
+
+    def losses(out: Path) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in loss_records(out)}  # the last record of each step
+
+    straight = subprocess.run(command(tmp_path / "straight"), env=environment, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    victim = subprocess.Popen(command(out), env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint-4" / "trainer_state.json").exists():
+        assert victim.poll() is None, victim.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "checkpoint-4 never appeared"
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (out / "model.safetensors").exists()  # it died before the end
+    (out / "checkpoint-99").mkdir()  # a save cut short: no trainer_state.json, never picked
+
+    resumed = subprocess.run(
+        command(out, "--resume_from_checkpoint", "latest"), env=environment, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference, again = losses(tmp_path / "straight"), losses(out)
+    assert sorted(again) == list(range(1, 13))
+    assert [r["step"] for r in loss_records(out)].count(4) == 1  # resumed after step 4, not from scratch
+    for step, loss in reference.items():
+        assert again[step] == pytest.approx(loss, rel=1e-6), step
+    assert (out / "model.safetensors").is_file()
+
+
+def test_resume_latest_without_a_complete_checkpoint_fails_naming_the_folder(tmp_path, pretrained_dir):
+    (tmp_path / "out" / "checkpoint-3").mkdir(parents=True)  # started, never finished
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "finetune.py"), *QUICK, "--model_name_or_path", str(pretrained_dir)]
+        + ["--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", "latest"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert "--resume_from_checkpoint latest: no complete checkpoint-* in" in result.stderr
