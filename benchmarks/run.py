@@ -115,7 +115,8 @@ class BenchArgs:
         metadata={"help": "torch.compile both models for the train_* rows (opt-in, slow start)."},
     )
     profile: int = field(
-        default=0, metadata={"help": "Also profile one bf16 and one fp32 train step per side; keep the top N ops."}
+        default=0,
+        metadata={"help": "Also profile one bf16 and one fp32 train step per side; keep the top N ops."},
     )
     memory_worker: str | None = field(
         default=None, metadata={"help": "Internal: measure one side (ours|reference) in this process."}

@@ -146,7 +146,7 @@ def use_matmul_attention(
     """``_MatmulAttention`` instead of SDPA: CPU, bf16 compute, no dropout, causal or a bool mask.
 
     torch's CPU flash kernel is no faster in bf16 than in fp32 (measured on AVX512-BF16), so under bf16
-    autocast it misses the bf16 matmul units (4x fp32); at training lengths two plain bf16 matmuls are
+    autocast it misses the bf16 matmul units (~2x oneDNN fp32 here); at training lengths two bf16 matmuls are
     2-3x faster. fp32 keeps SDPA: there torch's batched matmuls go to MKL, and the two tied (measured).
     GPUs, decoding, long sequences and per-head or float masks keep SDPA too.
     """
