@@ -528,7 +528,9 @@ def test_sigkill_then_resume_latest_repeats_the_uninterrupted_losses(tmp_path, p
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out = tmp_path / "killed"
-    victim = subprocess.Popen(command(out), env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    victim = subprocess.Popen(
+        command(out), env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 300
     while not (out / "checkpoint-4" / "trainer_state.json").exists():
         assert victim.poll() is None, victim.communicate()[1][-3000:]
