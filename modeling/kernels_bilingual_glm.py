@@ -247,5 +247,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     autocast dtype when autocast is on (the softmax in fp32 or better)."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    chunk = max(64, _LOSS_CHUNK_LOGITS // weight.shape[0])
+    chunk = max(64, _LOSS_CHUNK_LOGITS // weight.shape[0] // 64 * 64)  # whole multiples of 64 rows
     return _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk)

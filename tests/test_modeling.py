@@ -259,6 +259,42 @@ def test_model_gradients_agree_with_and_without_the_onednn_path(onednn_everywher
     assert torch.allclose(fast, reference, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_linear_cross_entropy_matches_full_logits(dtype, monkeypatch):
+    """Chunks of 64 rows and a row count that is no multiple of 64: the loss and gradients of full logits
+    + cross_entropy (fp32), or no further from exact than those are (bf16)."""
+    vocab, dim, n_rows = 200, 24, 300
+    monkeypatch.setattr(kernels, "_LOSS_CHUNK_LOGITS", 100 * vocab)  # rounded down to 64 rows a chunk
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n_rows, dim, generator=generator).to(dtype).float().requires_grad_()
+    weight = (torch.randn(vocab, dim, generator=generator) * 0.3).to(dtype).float().requires_grad_()
+    targets = torch.randint(0, vocab, (n_rows,), generator=generator)
+
+    def loss_and_grads(function, autocast: bool, cast=lambda t: t) -> list[torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = function(cast(hidden), cast(weight))
+        return [
+            loss.detach().double(),
+            *(g.double() for g in torch.autograd.grad(loss * 0.5, (hidden, weight))),
+        ]
+
+    def full(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(F.linear(h, w).float(), targets, reduction="sum")
+
+    bf16 = dtype == torch.bfloat16
+    ours = loss_and_grads(lambda h, w: kernels.linear_cross_entropy(h, w, targets), bf16)
+    reference = loss_and_grads(full, bf16)
+    exact = [
+        torch.as_tensor(t)
+        for t in loss_and_grads(lambda h, w: full(h, w).double(), False, torch.Tensor.double)
+    ]
+    for mine, theirs, truth in zip(ours, reference, exact, strict=True):
+        if bf16:  # both round to bf16 along the way: ours may not be further from exact than native's
+            assert (mine - truth).norm() <= 1.5 * (theirs - truth).norm() + 1e-6
+        else:
+            assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5), (mine - theirs).abs().max()
+
+
 # ----------------------------------------------------------------------------------------- cache
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_incremental_decoding_matches_full_forward(tiny_model, implementation):
