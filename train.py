@@ -354,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         **asdict(args),
         "mixed_precision_resolved": mixed_precision,
         "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, ...
         "device": str(accelerator.device),
         "resumed_from": str(resume_path) if resume_path else None,
         "parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),

@@ -138,7 +138,8 @@ def test_two_process_cpu_run_records_num_processes(tmp_path, tokenizer_dir):
         )
     finally:
         os.environ.pop("ACCELERATE_USE_CPU")
-    assert json.loads((out / "run_config.json").read_text())["num_processes"] == 2
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["num_processes"] == 2 and run_config["distributed_type"] == "MULTI_CPU"
     assert (out / "model.safetensors").is_file()
 
 
