@@ -47,6 +47,7 @@ from transformers import (
 )
 
 import bilingual_glm  # noqa: F401  (registers model_type "bilingual_glm" with the Auto classes)
+from bilingual_glm.checkpoints import find_checkpoint
 from bilingual_glm.finetune_data import (
     DEFAULT_CLOZE_TEMPLATES,
     DEFAULT_VERBALIZERS,
@@ -639,25 +640,14 @@ def evaluate_and_test(
 
 
 def resolve_resume(output_dir: Path, spec: str | None) -> str | None:
-    """``--resume_from_checkpoint latest``: the newest checkpoint Trainer finished writing.
+    """``--resume_from_checkpoint``: a folder, or ``latest``, the newest checkpoint Trainer finished writing.
 
     Trainer writes a checkpoint in place and ``trainer_state.json`` last, so a run killed mid-save leaves a
     ``checkpoint-N`` without it; its own "last checkpoint" lookup would pick that folder and fail.
     """
     if spec is None or spec.lower() in ("false", "none", ""):
         return None
-    if spec != "latest":
-        if not (Path(spec) / "trainer_state.json").is_file():
-            raise ValueError(f"--resume_from_checkpoint: {spec} is not a complete Trainer checkpoint")
-        return spec
-    complete = [
-        path
-        for path in output_dir.glob("checkpoint-*")
-        if path.name.split("-")[-1].isdigit() and (path / "trainer_state.json").is_file()
-    ]
-    if not complete:
-        raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint-* in {output_dir}")
-    return str(max(complete, key=lambda path: int(path.name.split("-")[-1])))
+    return str(find_checkpoint(output_dir, spec, "trainer_state.json"))
 
 
 def main(argv: list[str] | None = None) -> int:

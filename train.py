@@ -37,6 +37,7 @@ from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_wi
 
 import bilingual_glm
 from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM
+from bilingual_glm.checkpoints import find_checkpoint
 from bilingual_glm.corpora import load_demo_corpus, load_text_files
 from bilingual_glm.data import BlankInfillingCollator, CausalCollator, MlmCollator, pack_causal
 from bilingual_glm.infill import infill
@@ -135,23 +136,6 @@ def parse_objectives(spec: str) -> dict[str, float]:
     if not sum(weights.values()) > 0:
         raise ValueError(f"--objective: weights must sum to > 0, got {spec!r}")
     return weights
-
-
-def find_checkpoint(output_dir: Path, spec: str) -> Path:
-    """'latest' = highest complete checkpoint (temp folders of interrupted saves never qualify)."""
-    if spec != "latest":
-        path = Path(spec)
-        if not (path / "training_state.json").is_file():
-            raise ValueError(f"--resume_from_checkpoint: {path} is not a complete checkpoint folder")
-        return path
-    complete = [
-        path
-        for path in output_dir.glob("checkpoint-*")
-        if re.fullmatch(r"checkpoint-\d+", path.name) and (path / "training_state.json").is_file()
-    ]
-    if not complete:
-        raise ValueError(f"--resume_from_checkpoint latest: no complete checkpoint-* in {output_dir}")
-    return max(complete, key=lambda path: int(path.name.split("-")[1]))
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -280,7 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.preset not in bilingual_glm.PRESETS or args.preset == "glm-4-9b":
         raise ValueError(f"--preset must be tiny, small or base, got {args.preset!r}")
     resume_path = (
-        find_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+        find_checkpoint(output_dir, args.resume_from_checkpoint, "training_state.json")
+        if args.resume_from_checkpoint
+        else None
     )
 
     accelerator = Accelerator(
