@@ -16,7 +16,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -41,6 +40,8 @@ from bilingual_glm.finetune_data import (
 )
 from bilingual_glm.metrics import METRIC_NAMES, load_metric
 from bilingual_glm.tokenizer import special_token_ids
+
+from .test_reliability import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--max_steps", "3", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8"]
@@ -531,11 +532,7 @@ def test_sigkill_then_resume_latest_repeats_the_uninterrupted_losses(tmp_path, p
     victim = subprocess.Popen(
         command(out), env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 300
-    while not (out / "checkpoint-4" / "trainer_state.json").exists():
-        assert victim.poll() is None, victim.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "checkpoint-4 never appeared"
-        time.sleep(0.02)
+    wait_for(out / "checkpoint-4" / "trainer_state.json", victim)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert not (out / "model.safetensors").exists()  # it died before the end
