@@ -43,12 +43,15 @@ def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
+def _onednn_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ bᵀ (+ bias)`` on oneDNN, for ``a [..., k]``, ``b [n, k]`` (either may be a transposed view)."""
+    return _ONEDNN_LINEAR(a, b, bias, "none", [], "")
+
+
 def _matmul_nt(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``a @ bᵀ (+ bias)`` for ``a [..., k]``, ``b [n, k]`` (either may be a transposed view), through
-    oneDNN where ``_use_onednn`` says so. No autograd: callers own the backward."""
-    if _use_onednn(a, b):
-        return _ONEDNN_LINEAR(a, b, bias, "none", [], "")
-    return F.linear(a, b, bias)
+    """``a @ bᵀ (+ bias)`` through oneDNN where ``_use_onednn`` says so, else ``F.linear``. No autograd:
+    callers own the backward."""
+    return _onednn_nt(a, b, bias) if _use_onednn(a, b) else F.linear(a, b, bias)
 
 
 class _OneDnnLinear(torch.autograd.Function):
@@ -58,7 +61,7 @@ class _OneDnnLinear(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _matmul_nt(x, weight, bias)
+        return _onednn_nt(x, weight, bias)  # ``linear`` already chose this path
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -68,15 +71,15 @@ class _OneDnnLinear(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         # oneDNN directly: backward may run inside the caller's autocast region, which must not recast.
         if ctx.needs_input_grad[0]:
-            grad_x = _ONEDNN_LINEAR(grad_rows, weight.T, None, "none", [], "").view(x.shape)  # [N, in]
+            grad_x = _onednn_nt(grad_rows, weight.T).view(x.shape)  # [N, in]
         if ctx.needs_input_grad[1]:
             rows = x.reshape(-1, x.shape[-1])  # [N, in]
             # The kernel copies a transposed first operand (the second is read in place): hand it the
             # narrower of the two activations, at the price of transposing a weight-sized result.
             if rows.shape[1] < grad_rows.shape[1]:
-                grad_weight = _ONEDNN_LINEAR(rows.T, grad_rows.T, None, "none", [], "").T.contiguous()
+                grad_weight = _onednn_nt(rows.T, grad_rows.T).T.contiguous()
             else:
-                grad_weight = _ONEDNN_LINEAR(grad_rows.T, rows.T, None, "none", [], "")  # [out, in]
+                grad_weight = _onednn_nt(grad_rows.T, rows.T)  # [out, in]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)
         return grad_x, grad_weight, grad_bias
@@ -89,7 +92,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     tensors = (x, weight) if bias is None else (x, weight, bias)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return _OneDnnLinear.apply(x, weight, bias)
-    return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")  # decoding: no autograd node to build
+    return _onednn_nt(x, weight, bias)  # decoding: no autograd node to build
 
 
 def is_plain_linear(module: nn.Module) -> bool:
