@@ -18,9 +18,13 @@ setup: $(VENV)/.installed
 lint: setup
 	$(BIN)/ruff check .
 
-# What CI runs (.ci/run): lint, then every test not marked slow.
+# What CI runs (.ci/run): lint, every test not marked slow, then the in-process model tests again as on a
+# CPU without native bf16 and as on one with it (BILINGUAL_GLM_BF16), so both kinds of path run on any CI machine.
+MODEL_TESTS := tests/test_modeling.py tests/test_parity.py tests/test_hardware.py
 test: lint
 	$(BIN)/python -m pytest -n 2 -q
+	BILINGUAL_GLM_BF16=0 $(BIN)/python -m pytest -n 2 -q $(MODEL_TESTS)
+	BILINGUAL_GLM_BF16=1 $(BIN)/python -m pytest -n 2 -q $(MODEL_TESTS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -m slow -q

@@ -1,12 +1,16 @@
 """Pretrain a BilingualGlm model from text with Accelerate: causal LM, GLM blank infilling, MLM.
 
-    python train.py                                        # small preset, embedded zh+en corpus
-    python train.py --preset tiny --objective glm --max_steps 40 --output_dir runs/tiny
+    python train.py                                        # small preset, embedded zh+en corpus, 7 minutes
+    python train.py --max_train_minutes 30                 # the same, a longer time budget
+    python train.py --preset tiny --objective glm --max_steps 40 --output_dir runs/tiny   # exactly reproducible
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py --preset tiny ...
     accelerate launch --config_file examples/accelerate/ddp.yaml train.py ...   # GPUs
 
 Reads top to bottom: arguments → accelerator → data (tokenizer, tokenize, pack) → model → loop
-(log, evaluate, checkpoint) → final save, held-out perplexity, samples. Outputs in ``--output_dir``:
+(log, evaluate, checkpoint) → final save, held-out perplexity, samples. A run is bounded by optimizer
+steps (``--max_steps``: the same numbers every time) or by training minutes (``--max_train_minutes``, the
+default: machines differ 5x in speed, and a fixed step count that takes 7 minutes on one takes 36 on
+another); with a time budget the lr schedule follows the elapsed share of it. Outputs in ``--output_dir``:
 ``log.jsonl`` (one JSON object per logged step), ``run_config.json``, ``loss.png``,
 ``checkpoint-{step}/`` (``accelerator.save_state``) and the final model + tokenizer + code.
 """
@@ -17,7 +21,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -33,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from datasets.distributed import split_dataset_by_node
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
+from transformers import AutoTokenizer, HfArgumentParser
 
 import bilingual_glm
 from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM
@@ -41,9 +44,13 @@ from bilingual_glm.checkpoints import find_checkpoint
 from bilingual_glm.corpora import load_demo_corpus, load_text_files
 from bilingual_glm.data import BlankInfillingCollator, CausalCollator, MlmCollator, pack_causal
 from bilingual_glm.infill import infill
+from bilingual_glm.modeling.kernels_bilingual_glm import cpu_info, fast_bf16
 from bilingual_glm.tokenizer import special_token_ids, train_tokenizer
 
 OBJECTIVES = ("clm", "glm", "mlm")
+# Training minutes when neither --max_steps nor --max_train_minutes is given: with data preparation,
+# evaluation and samples the whole run stays under 10 minutes on a 2-core CPU, bf16 or not.
+DEFAULT_TRAIN_MINUTES = 7.0
 
 
 @dataclass
@@ -59,7 +66,18 @@ class TrainArguments:
         default="0.5,0.3,0.2",
         metadata={"help": "GLM token/sentence/document span mixture, drawn per batch (GLM-10B's default)."},
     )
-    max_steps: int = field(default=600, metadata={"help": "Optimizer steps."})
+    max_steps: int | None = field(
+        default=None,
+        metadata={"help": "Stop after N optimizer steps; given alone, the run is exactly reproducible."},
+    )
+    max_train_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after N minutes of training (the loop, not data preparation); the lr schedule "
+            f"follows the elapsed share. Default {DEFAULT_TRAIN_MINUTES:g} when --max_steps is not given; "
+            "with both, whichever comes first."
+        },
+    )
     output_dir: str = field(default="runs/train-small", metadata={"help": "Where everything is written."})
     seed: int = field(default=42, metadata={"help": "Seeds model init, data order and masking."})
     tokenizer: str | None = field(
@@ -85,7 +103,9 @@ class TrainArguments:
     per_device_train_batch_size: int = field(default=16, metadata={"help": "Blocks per process per step."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
-    warmup_steps: int | None = field(default=None, metadata={"help": "Linear warmup (default 5% of steps)."})
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Linear warmup steps (default: the first 5% of the run)."}
+    )
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not norms/biases)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     mixed_precision: str = field(
@@ -111,18 +131,79 @@ class TrainArguments:
 
 # ----------------------------------------------------------------------------------------- setup
 def resolve_mixed_precision(choice: str) -> str:
-    """bf16 on GPUs that have it and on CPUs with AVX512-BF16/AMX (a train step ~1.7x fp32 on AVX512-BF16)."""
+    """``auto``: bf16 where the device has it natively (``fast_bf16``), else fp32: emulated bf16 on a CPU
+    without AVX512-BF16/AMX is many times slower than fp32."""
     if choice not in ("auto", "no", "bf16", "fp16"):
         raise ValueError(f"--mixed_precision must be auto, no, bf16 or fp16, got {choice!r}")
     if choice != "auto":
         return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "no"
-    return "bf16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "no"
+    return "bf16" if fast_bf16("cuda" if torch.cuda.is_available() else "cpu") else "no"
+
+
+class TrainingClock:
+    """Where a run stands (optimizer steps, training seconds) against ``--max_steps``/``--max_train_minutes``.
+
+    The lr schedule (linear warmup, cosine to zero) reads its progress from here: the share of steps or
+    of the time budget used, whichever is larger. So a slow machine walks the whole schedule in fewer
+    steps instead of being cut off mid-way. Seconds go into every checkpoint, so a resumed run spends the
+    rest of the same budget. With several processes every rank takes the slowest rank's seconds: all
+    agree on the lr and on when to stop.
+    """
+
+    def __init__(
+        self, max_steps: int | None, max_minutes: float | None, warmup_steps: int | None, accelerator: Any
+    ) -> None:
+        if max_steps is None and max_minutes is None:
+            max_minutes = DEFAULT_TRAIN_MINUTES
+        if max_steps is not None and max_steps <= 0:
+            raise ValueError(f"--max_steps must be > 0, got {max_steps}")
+        if max_minutes is not None and not max_minutes > 0:
+            raise ValueError(f"--max_train_minutes must be > 0, got {max_minutes}")
+        self.max_steps, self.max_minutes = max_steps, max_minutes
+        self.budget = None if max_minutes is None else max_minutes * 60.0
+        if warmup_steps is None and self.budget is None:
+            warmup_steps = max(1, max_steps // 20)  # 5% of the steps
+        self.warmup_steps = warmup_steps  # None: the first 5% of the time budget
+        self.accelerator = accelerator
+        self.step, self.seconds, self._since = 0, 0.0, time.perf_counter()
+
+    def start(self, step: int = 0, seconds: float = 0.0) -> None:
+        """Start counting (or go on from a checkpoint's step and seconds) now."""
+        self.step, self.seconds, self._since = step, seconds, time.perf_counter()
+
+    def tick(self) -> None:
+        """One optimizer step done: count it and the time since the last tick (agreed across ranks)."""
+        now = time.perf_counter()
+        elapsed = torch.tensor([self.seconds + now - self._since], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            elapsed = self.accelerator.gather(elapsed).max()
+        self.step, self.seconds, self._since = self.step + 1, float(elapsed), now
+
+    def progress(self) -> float:
+        by_steps = self.step / self.max_steps if self.max_steps else 0.0
+        by_time = self.seconds / self.budget if self.budget else 0.0
+        return min(1.0, max(by_steps, by_time))
+
+    def done(self) -> bool:
+        return self.progress() >= 1.0
+
+    def lr_factor(self, _scheduler_step: int = 0) -> float:
+        """Multiplier of the peak lr for the next step (LambdaLR's callback; its own count is ignored)."""
+        progress = self.progress()
+        if self.warmup_steps is None:  # warmup over the first 5% of the budget
+            warmup = 0.05
+        elif self.budget is None:  # steps only: transformers' cosine-with-warmup, the same values
+            warmup = self.warmup_steps / self.max_steps
+        else:  # warmup in steps, then cosine over the share of the budget
+            if self.step < self.warmup_steps:
+                return self.step / self.warmup_steps
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if progress < warmup:
+            return progress / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (progress - warmup) / (1.0 - warmup)))
+
+    def summary(self) -> dict[str, Any]:
+        return {"steps_taken": self.step, "train_minutes": round(self.seconds / 60, 3)}
 
 
 def parse_objectives(spec: str) -> dict[str, float]:
@@ -274,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    clock = TrainingClock(args.max_steps, args.max_train_minutes, args.warmup_steps, accelerator)
     set_seed(args.seed)
     main_process = accelerator.is_main_process
     if main_process:
@@ -324,21 +406,24 @@ def main(argv: list[str] | None = None) -> int:
         betas=(0.9, 0.95),
         fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel per step: ~4x the foreach path on CPU
     )
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.max_steps // 20)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, args.max_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, clock.lr_factor)
     if args.streaming:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     else:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
-    step, consumed = 0, 0  # optimizer steps done, micro-batches drawn (they differ after skipped batches)
+    # optimizer steps done, micro-batches drawn (they differ after skipped batches), training seconds spent
+    step, consumed, seconds = 0, 0, 0.0
     if resume_path is not None:
         accelerator.load_state(str(resume_path))
         state = json.loads((resume_path / "training_state.json").read_text())
-        step, consumed = state["step"], state["micro_batches"]
+        step, consumed, seconds = state["step"], state["micro_batches"], state.get("train_seconds", 0.0)
     run_config = {
         **asdict(args),
+        "max_steps_resolved": clock.max_steps,
+        "max_train_minutes_resolved": clock.max_minutes,
         "mixed_precision_resolved": mixed_precision,
+        "cpu": cpu_info(),
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, ...
         "device": str(accelerator.device),
@@ -359,13 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     # --- loop
     stop = _StopRequest()
     micro_batches = _micro_batches(loader, accelerator, args, consumed)
-    progress = tqdm(
-        total=args.max_steps, initial=step, disable=not main_process, desc="train", dynamic_ncols=True
-    )
+    progress = _progress_bar(clock, disable=not main_process)
     window_tokens, window_loss, window_count, window_start = 0, 0.0, 0, time.perf_counter()
     nan_batch = int(os.environ.get("BILINGUAL_GLM_TEST_NAN_AT_BATCH", "0"))  # fault injection for tests
     model.train()
-    while step < args.max_steps:
+    clock.start(step, seconds)
+    while not clock.done():
         step_loss, step_tokens = 0.0, 0
         for _ in range(args.gradient_accumulation_steps):
             examples = next(micro_batches)
@@ -397,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
                     step_loss = float("nan")
                     break
                 optimizer.step()
+                clock.tick()  # before the scheduler: it reads the new step and time
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             step_loss += loss.item() / args.gradient_accumulation_steps
@@ -404,15 +489,15 @@ def main(argv: list[str] | None = None) -> int:
             step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         if math.isnan(step_loss):
             continue
-        step += 1
-        progress.update(1)
+        step = clock.step
+        progress.update((clock.step if clock.budget is None else int(clock.seconds)) - progress.n)
         window_loss, window_count, window_tokens = (
             window_loss + step_loss,
             window_count + 1,
             window_tokens + step_tokens,
         )
         record: dict[str, Any] = {}
-        if step % args.logging_steps == 0 or step == args.max_steps:
+        if step % args.logging_steps == 0 or clock.done():
             elapsed = time.perf_counter() - window_start
             record = {
                 "step": step,
@@ -421,21 +506,22 @@ def main(argv: list[str] | None = None) -> int:
                 "tokens_per_second": window_tokens * accelerator.num_processes / elapsed,
                 "objective": objective,
                 "rss_mb": _rss_mb(),
+                "train_minutes": round(clock.seconds / 60, 3),
             }
             progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
             window_tokens, window_loss, window_count, window_start = 0, 0.0, 0, time.perf_counter()
-        if args.eval_steps and step % args.eval_steps == 0 and step != args.max_steps:
+        if args.eval_steps and step % args.eval_steps == 0 and not clock.done():
             record = {"step": step, **record, **_evaluate(model, eval_sets, args, accelerator)}
         if record and main_process:
             history.append(record)
             with log_path.open("a", encoding="utf-8") as log:
                 log.write(json.dumps(record, ensure_ascii=False) + "\n")
         if args.save_steps and step % args.save_steps == 0:
-            _save_checkpoint(accelerator, output_dir, step, consumed, args.save_total_limit)
+            _save_checkpoint(accelerator, output_dir, clock, consumed, args.save_total_limit)
         if stop.requested:
             accelerator.set_trigger()
         if accelerator.check_trigger():  # any rank interrupted: all save together, then leave
-            _save_checkpoint(accelerator, output_dir, step, consumed, args.save_total_limit)
+            _save_checkpoint(accelerator, output_dir, clock, consumed, args.save_total_limit)
             accelerator.print(
                 f"interrupted: saved {output_dir / f'checkpoint-{step}'}; resume with --resume_from_checkpoint latest"
             )
@@ -446,8 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     stop.restore()
 
     # --- final: held-out perplexity, save, samples
-    final_eval = {"step": step, **_evaluate(model, eval_sets, args, accelerator)}
+    final_eval = {"step": step, **clock.summary(), **_evaluate(model, eval_sets, args, accelerator)}
     if main_process:
+        write_json_atomic(output_dir / "run_config.json", {**run_config, **clock.summary()})
         history.append(final_eval)
         with log_path.open("a", encoding="utf-8") as log:
             log.write(json.dumps(final_eval, ensure_ascii=False) + "\n")
@@ -494,9 +581,10 @@ def _evaluate(model: Any, eval_sets: dict[str, Any], args: TrainArguments, accel
 
 
 def _save_checkpoint(
-    accelerator: Accelerator, output_dir: Path, step: int, consumed: int, keep: int | None = None
+    accelerator: Accelerator, output_dir: Path, clock: TrainingClock, consumed: int, keep: int | None = None
 ) -> None:
     """save_state into a temp folder, then one rename: `latest` never sees half a checkpoint."""
+    step = clock.step
     final, tmp = output_dir / f"checkpoint-{step}", output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
@@ -504,7 +592,8 @@ def _save_checkpoint(
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(tmp / "training_state.json", {"step": step, "micro_batches": consumed})
+        state = {"step": step, "micro_batches": consumed, "train_seconds": clock.seconds}
+        write_json_atomic(tmp / "training_state.json", state)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -513,6 +602,13 @@ def _save_checkpoint(
             for old in complete[:-keep]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
+
+
+def _progress_bar(clock: TrainingClock, disable: bool) -> tqdm:
+    """Steps against --max_steps, or seconds against the time budget when there is one."""
+    if clock.budget is None:
+        return tqdm(total=clock.max_steps, initial=clock.step, disable=disable, desc="train", unit="step")
+    return tqdm(total=int(clock.budget), initial=int(clock.seconds), disable=disable, desc="train", unit="s")
 
 
 def _rss_mb() -> float:

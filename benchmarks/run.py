@@ -13,6 +13,7 @@ of ``--repeats`` runs: other jobs on the machine then slow both sides alike. Row
 | `train_peak_memory`     | peak memory of a train step (MiB)         | native                       | ours/ref   |
 | `glm_partB_logits`      | GLM blank-infilling step, logits on Part B | ours computing all logits   | ours/ref   |
 | `mfu_bf16`              | model FLOP/s of ours' bf16 train step     | measured bf16 matmul peak    | fraction   |
+| `mfu_fp32`              | model FLOP/s of ours' fp32 train step     | measured fp32 matmul peak    | fraction   |
 | `pipeline_tokens_per_s` | tokenize + pack tokens/s, embedded corpus | --                           | = ours     |
 
 Each model trains the way its own stack does: ours with ``return_logits=False`` (as ``train.py``: logits
@@ -21,6 +22,11 @@ fresh process per model and run (CPU: peak RSS above the process's RSS before th
 from ``VmHWM``; CUDA: ``max_memory_allocated``) so the allocator state of one model never flatters the
 other. The bf16-or-fp32 choice of the memory and Part B rows follows ``--mixed_precision`` (``auto``: bf16
 where the hardware has it, as ``train.py`` does).
+
+Rows that need native bf16 (``train_bf16``, ``bf16_vs_fp32``, ``mfu_bf16``) are skipped on a device
+without it (``fast_bf16``: no AVX512-BF16/AMX on a CPU), with the reason in the row and the table: there
+bf16 is emulated, many times slower than fp32, and timing it says nothing a user would run.
+``BILINGUAL_GLM_BF16=0``/``1`` runs the benchmark as on a machine without/with native bf16.
 
     python benchmarks/run.py --quick --json bench-quick.json    # <= 5 minutes on 2 CPU cores
     python benchmarks/run.py --json bench.json                  # small preset, batch 16 x 256
@@ -34,7 +40,6 @@ import gc
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -61,6 +66,12 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM  # noqa: E402
 from bilingual_glm.configuration.configuration_bilingual_glm import GLM_SPECIAL_TOKENS  # noqa: E402
 from bilingual_glm.conversion import glm_config_from_ours, to_transformers_glm  # noqa: E402
+from bilingual_glm.modeling.kernels_bilingual_glm import (  # noqa: E402
+    BF16_ENV,
+    cpu_info,
+    fast_bf16,
+    onednn_fp32_wins,
+)
 
 ROW_NAMES = (
     "train_fp32",
@@ -71,8 +82,12 @@ ROW_NAMES = (
     "train_peak_memory",
     "glm_partB_logits",
     "mfu_bf16",
+    "mfu_fp32",
     "pipeline_tokens_per_s",
 )
+NEEDS_NATIVE_BF16 = ("train_bf16", "bf16_vs_fp32", "mfu_bf16")
+TRAIN_ROWS = {"train_fp32", "train_bf16", "bf16_vs_fp32", "mfu_bf16", "mfu_fp32"}
+UNITS = {"train_bf16": "tokens/s", "bf16_vs_fp32": "tokens/s", "mfu_bf16": "FLOP/s"}
 QUICK = dict(batch_size=8, warmup=1, memory_repeats=1, pipeline_documents=4000)
 # Both sides, as train.py and Trainer (adamw_torch_fused) run it.
 ADAMW = dict(lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
@@ -109,6 +124,10 @@ class BenchArgs:
     )
     attn_implementation: str = field(default="sdpa", metadata={"help": "Attention kernel of both models."})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
+    peak_size: int | None = field(
+        default=None,
+        metadata={"help": "Side of the square matmul timed for the MFU peaks (CPU 2048, CUDA 4096)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seeds weights and batches."})
     compile: bool = field(
         default=False,
@@ -124,38 +143,20 @@ class BenchArgs:
 
 
 # ----------------------------------------------------------------------------------------- machine
-def cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    match = re.search(r"^flags\s*:(.*)$", text, flags=re.MULTILINE)
-    return set(match.group(1).split()) if match else set()
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """bf16 where it is fast: GPUs that have it, CPUs with AVX512-BF16 or AMX (the rule of train.py)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
 def machine_info(device: torch.device) -> dict[str, Any]:
+    """The CPU (model, vendor, family, the ISA flags that pick the kernels) and what the rules chose."""
+    cpu = cpu_info()
     info: dict[str, Any] = {
-        "cpu": cpu_model(),
+        "cpu": cpu["model"],
+        "cpu_vendor": cpu["vendor"],
+        "cpu_family": cpu["family"],
+        "cpu_model_number": cpu["model_number"],
+        "cpu_flags": cpu["flags"],
+        "fast_bf16": fast_bf16(device),
+        "bf16_env": os.environ.get(BF16_ENV),
+        "onednn_fp32_linear": device.type == "cpu" and onednn_fp32_wins(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
-        "cpu_bf16": sorted(cpu_flags() & {"avx512_bf16", "amx_bf16"}),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
@@ -198,6 +199,11 @@ def alternate(
                 cpu[name].append(time.process_time() - start_cpu)
     median = statistics.median
     return {k: median(v) for k, v in wall.items()}, {k: median(v) for k, v in cpu.items()}
+
+
+def skipped(name: str, unit: str, reason: str) -> dict:
+    """A row that was not measured on this machine, and why."""
+    return {"name": name, "ours": None, "reference": None, "ratio": None, "unit": unit, "skipped": reason}
 
 
 def row(
@@ -266,10 +272,10 @@ def matmul_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     return 6 * linear + attention
 
 
-def matmul_peak(device: torch.device, size: int, repeats: int) -> float:
-    """Best bf16 FLOP/s of a square matmul on this device (the denominator of MFU)."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+def matmul_peak(device: torch.device, size: int, repeats: int, dtype: torch.dtype) -> float:
+    """Best FLOP/s of a square matmul in ``dtype`` on this device (the denominator of MFU)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     best = float("inf")
     for index in range(repeats + 2):
         synchronize(device)
@@ -283,6 +289,14 @@ def matmul_peak(device: torch.device, size: int, repeats: int) -> float:
 
 # -------------------------------------------------------------------------------------------- rows
 def bench_train(args: BenchArgs, device: torch.device, wanted: set[str]) -> list[dict]:
+    """The train_* and mfu_* rows; bf16 ones only where bf16 is native (skipped rows say why)."""
+    rows = []
+    if not fast_bf16(device):
+        reason = f"no native bf16 on this {device.type} (emulated bf16 is slower than fp32)"
+        rows += [skipped(name, UNITS[name], reason) for name in NEEDS_NATIVE_BF16 if name in wanted]
+        wanted = wanted - set(NEEDS_NATIVE_BF16)
+    if not wanted:
+        return rows
     ours = build_ours(args, device)
     native = build_native(ours, args)
     ids = random_ids(args, ours.config.vocab_size, args.batch_size, args.seq_len, device)
@@ -290,11 +304,12 @@ def bench_train(args: BenchArgs, device: torch.device, wanted: set[str]) -> list
     tokens = ids.numel()
     if args.compile:  # both sides alike; compilation happens in the warm-up rounds
         ours, native = torch.compile(ours), torch.compile(native)
-    rows, seconds, cpu = [], {}, {}
-    peak_size = 4096 if device.type == "cuda" else 2048
-    peak = matmul_peak(device, peak_size, repeats=15) if "mfu_bf16" in wanted else 0.0
+    seconds, cpu = {}, {}
+    peak_size = args.peak_size or (4096 if device.type == "cuda" else 2048)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {p: matmul_peak(device, peak_size, 15, dtypes[p]) for p in dtypes if f"mfu_{p}" in wanted}
     for precision in ("fp32", "bf16"):
-        if not wanted & {f"train_{precision}", "bf16_vs_fp32", "mfu_bf16"}:
+        if not wanted & {f"train_{precision}", "bf16_vs_fp32", f"mfu_{precision}"}:
             continue
         bf16 = precision == "bf16"
         steps = {
@@ -311,10 +326,10 @@ def bench_train(args: BenchArgs, device: torch.device, wanted: set[str]) -> list
         bf16_tps, fp32_tps = tokens / seconds["bf16"]["ours"], tokens / seconds["fp32"]["ours"]
         cpu_ratio = cpu["fp32"]["ours"] / cpu["bf16"]["ours"]
         rows.append(row("bf16_vs_fp32", bf16_tps, fp32_tps, "tokens/s", cpu_ratio=cpu_ratio))
-    if "mfu_bf16" in wanted:
-        achieved = matmul_flops_per_token(ours, args.seq_len) * tokens / seconds["bf16"]["ours"]
-        peak = max(peak, matmul_peak(device, peak_size, repeats=15))  # best of before and after the rows
-        rows.append(row("mfu_bf16", achieved, peak, "FLOP/s"))
+    for precision, peak in peaks.items():
+        achieved = matmul_flops_per_token(ours, args.seq_len) * tokens / seconds[precision]["ours"]
+        peak = max(peak, matmul_peak(device, peak_size, 15, dtypes[precision]))  # best of before and after
+        rows.append(row(f"mfu_{precision}", achieved, peak, "FLOP/s"))
     return rows
 
 
@@ -545,6 +560,9 @@ def resolve(args: BenchArgs, explicit: set[str]) -> BenchArgs:
 def markdown(rows: list[dict]) -> str:
     lines = ["| name | ours | reference | ratio | unit |", "|---|---:|---:|---:|---|"]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| `{r['name']}` | skipped: {r['skipped']} | — | — | {r['unit']} |")
+            continue
         reference = "—" if r["reference"] is None else f"{r['reference']:.4g}"
         lines.append(f"| `{r['name']}` | {r['ours']:.4g} | {reference} | {r['ratio']:.3f} | {r['unit']} |")
     return "\n".join(lines)
@@ -559,13 +577,13 @@ def main(args: BenchArgs) -> dict[str, Any]:
         memory_worker(args, device)
         return {}
     wanted = set(ROW_NAMES) if args.rows == "all" else set(args.rows.split(","))
-    bf16 = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and bf16_supported(device))
+    bf16 = args.mixed_precision == "bf16" or (args.mixed_precision == "auto" and fast_bf16(device))
     machine = machine_info(device)
     settings = {**dataclasses.asdict(args), "mixed_precision_resolved": "bf16" if bf16 else "no"}
     print(json.dumps({"machine": machine, "settings": settings}))
     started = time.perf_counter()
     groups: list[tuple[set[str], Callable[[], list[dict]]]] = [
-        ({"train_fp32", "train_bf16", "bf16_vs_fp32", "mfu_bf16"}, lambda: bench_train(args, device, wanted)),
+        (TRAIN_ROWS, lambda: bench_train(args, device, wanted & TRAIN_ROWS)),
         ({"generate_b1", "generate_b8"}, lambda: bench_generate(args, device, wanted)),
         ({"train_peak_memory"}, lambda: bench_memory(args, device, bf16)),
         ({"glm_partB_logits"}, lambda: bench_partb(args, device, bf16)),

@@ -1,5 +1,6 @@
 """Faster paths BilingualGlm takes where they apply, each with the plain PyTorch op as its fallback.
 
+- ``fast_bf16`` / ``onednn_fp32_wins``: the one rule for which device gets which path (read below).
 - ``linear`` / ``project``: ``F.linear``, but CPU fp32 matmuls run on oneDNN instead of MKL's sgemm.
 - ``matmul_attention_forward``: SDPA's contract on CPU under bf16 as two bf16 matmuls (torch's CPU flash
   kernel computes in fp32 whatever the input dtype).
@@ -13,11 +14,80 @@ as Hub remote code next to ``modeling_bilingual_glm.py``, so it imports only tor
 
 from __future__ import annotations
 
+import functools
+import os
+import platform
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# ------------------------------------------------------------------------------------------- device
+BF16_ENV = "BILINGUAL_GLM_BF16"  # "0" / "1": behave as if this machine had no / had native bf16 (CI)
+_CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 flags; "bf16" is arm64's Features
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict[str, Any]:
+    """Vendor, family, model and ISA flags of this CPU, from ``/proc/cpuinfo`` (empty where there is none).
+
+    The CPU decides which kernel is fastest, and machines differ from run to run, so every benchmark
+    and log records this next to its figures.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        text = ""
+
+    def field(name: str) -> str:
+        match = re.search(rf"^{name}\s*:(.*)$", text, flags=re.MULTILINE)
+        return match.group(1).strip() if match else ""
+
+    flags = set((field("flags") or field("Features")).split())
+    return {
+        "model": field("model name") or platform.processor() or platform.machine(),
+        "vendor": field("vendor_id") or field("CPU implementer"),
+        "family": field("cpu family"),
+        "model_number": field("model"),
+        "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "bf16"}),
+    }
+
+
+def fast_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 math on ``device`` is native, i.e. faster than fp32 rather than emulated.
+
+    CUDA: what torch reports. CPU: AVX512-BF16 or AMX-BF16 (x86), BF16 (arm64). Without these, CPU bf16
+    matmuls are emulated and many times slower than fp32 (AMD Zen 3). Every bf16 default in the package
+    (train.py's ``--mixed_precision auto``, finetune.py, the benchmarks, the bf16 attention path) asks
+    this one function. ``BILINGUAL_GLM_BF16=0`` makes it say no and ``=1`` yes on any device, so one
+    machine can run the code paths of the other kind (CI does both); unset or ``auto``: detect.
+    """
+    forced = os.environ.get(BF16_ENV, "auto").strip().lower()
+    if forced not in ("auto", "", "0", "1"):
+        raise ValueError(f"{BF16_ENV} must be 0, 1 or auto, got {forced!r}")
+    if forced in ("0", "1"):
+        return forced == "1"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(_CPU_BF16_FLAGS & set(cpu_info()["flags"]))
+    return False
+
+
+def onednn_fp32_wins() -> bool:
+    """Whether CPU fp32 linears should run on oneDNN rather than torch's default (MKL's sgemm).
+
+    Measured on the model's shapes, 2 cores (``benchmarks/kernels.py``; figures in benchmarks/README.md):
+    on AMD Zen 5 MKL's sgemm ran at 45 % of oneDNN's fp32 matmul (210 vs 490 GFLOP/s); on an Intel Xeon
+    with AMX MKL was the faster of the two. So oneDNN is taken on AMD only: the one vendor where it was
+    measured to win (other CPUs keep torch's default until someone measures them).
+    """
+    return cpu_info()["vendor"] == "AuthenticAMD"
+
 
 # ------------------------------------------------------------------------------------------- linear
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -25,16 +95,17 @@ _ONEDNN_MIN_MACS = 1 << 19  # below this a oneDNN call's fixed ~12 µs costs mor
 
 
 def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """fp32 on CPU, a matmul big enough, outside autocast and compilation, oneDNN enabled.
+    """fp32 on CPU where oneDNN wins (``onednn_fp32_wins``), a matmul big enough, outside autocast and
+    compilation, oneDNN enabled.
 
     torch sends CPU fp32 matmuls to MKL's sgemm; on AMD Zen that ran at 45 % of oneDNN's fp32 matmul
-    (210 vs 490 GFLOP/s on 2 Zen 5 cores, same shapes, same IEEE fp32 arithmetic). bf16 already goes to
-    oneDNN, and autocast and ``torch.compile`` pick their own kernels. ``torch.backends.mkldnn.flags(
-    enabled=False)`` turns this off.
+    (same shapes, same IEEE fp32 arithmetic). bf16 already goes to oneDNN, and autocast and
+    ``torch.compile`` pick their own kernels. ``torch.backends.mkldnn.flags(enabled=False)`` turns this off.
     """
     return (
         _ONEDNN_LINEAR is not None
         and a.device.type == "cpu"
+        and onednn_fp32_wins()
         and a.dtype == b.dtype == torch.float32
         and a.numel() * b.shape[0] >= _ONEDNN_MIN_MACS
         and torch.backends.mkldnn.enabled
@@ -146,11 +217,13 @@ _MATMUL_ATTENTION_MAX_SCORES = 1 << 25  # beyond this many scores per call, SDPA
 def use_matmul_attention(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> bool:
-    """``_MatmulAttention`` instead of SDPA: CPU, bf16 compute, no dropout, causal or a bool mask.
+    """``_MatmulAttention`` instead of SDPA: a CPU with native bf16, bf16 compute, no dropout, causal or a
+    bool mask.
 
     torch's CPU flash kernel is no faster in bf16 than in fp32 (measured on AVX512-BF16), so under bf16
     autocast it misses the bf16 matmul units (~2x oneDNN fp32 here); at training lengths two bf16 matmuls are
     2-3x faster. fp32 keeps SDPA: there torch's batched matmuls go to MKL, and the two tied (measured).
+    Without native bf16 (``fast_bf16``) the bf16 matmuls are emulated and flash attention's fp32 math wins.
     GPUs, decoding, long sequences and per-head or float masks keep SDPA too.
     """
     device = query.device.type
@@ -165,7 +238,9 @@ def use_matmul_attention(
         )
     dropout = module.training and module.attention_dropout > 0
     small = batch * heads * q_len * kv_len <= _MATMUL_ATTENTION_MAX_SCORES
-    return device == "cpu" and dtype == torch.bfloat16 and not dropout and q_len > 1 and mask_ok and small
+    if not (device == "cpu" and dtype == torch.bfloat16 and not dropout and q_len > 1 and mask_ok and small):
+        return False
+    return fast_bf16("cpu")
 
 
 def matmul_attention_forward(

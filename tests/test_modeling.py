@@ -206,7 +206,13 @@ needs_onednn = pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this t
 
 
 @pytest.fixture
-def onednn_everywhere(monkeypatch):
+def onednn_on(monkeypatch):
+    """The oneDNN path on whatever this CPU is (the vendor rule turns it off on Intel)."""
+    monkeypatch.setattr(kernels, "onednn_fp32_wins", lambda: True)
+
+
+@pytest.fixture
+def onednn_everywhere(onednn_on, monkeypatch):
     """Tiny shapes fall under the size threshold of the oneDNN path: lift it."""
     monkeypatch.setattr(kernels, "_ONEDNN_MIN_MACS", 0)
 
@@ -233,7 +239,7 @@ def test_onednn_linear_matches_f_linear_values_and_gradients(shape, bias, onednn
 
 
 @needs_onednn
-def test_onednn_linear_steps_aside_for_autocast_disabled_mkldnn_and_small_matmuls():
+def test_onednn_linear_steps_aside_for_autocast_disabled_mkldnn_and_small_matmuls(onednn_on):
     x, weight = torch.randn(64, 128), torch.randn(256, 128, requires_grad=True)  # 2M multiply-adds
     assert type(kernels.linear(x, weight).grad_fn).__name__ == "_OneDnnLinearBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):

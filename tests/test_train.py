@@ -227,3 +227,49 @@ def test_local_files_and_datasets_sources(tmp_path, tokenizer_dir, streaming):
     final = read_log(out)[-1]
     assert "eval_ppl_all" in final and final["eval_ppl_all"] > 1
     assert (out / "model.safetensors").is_file()
+
+
+def test_time_budget_ends_the_run_and_a_resume_spends_the_rest(tmp_path, tokenizer_dir):
+    """--max_train_minutes: the schedule walks to lr 0 in the budget, run_config says how many steps that
+    took, and a resumed run counts the checkpoint's seconds as spent. Run as on a CPU without bf16."""
+    out = tmp_path / "timed"
+    common = ["--objective", "clm", "--logging_steps", "1", "--output_dir", str(out)]
+    common += ["--tokenizer", str(tokenizer_dir), "--save_steps", "20", "--save_total_limit", "1"]
+    os.environ["BILINGUAL_GLM_BF16"] = "0"
+    try:
+        run_train([*common, "--max_train_minutes", "0.1"])
+        first = json.loads((out / "run_config.json").read_text())
+        state = json.loads(next(out.glob("checkpoint-*/training_state.json")).read_text())
+        run_train([*common, "--max_train_minutes", "0.2", "--resume_from_checkpoint", "latest"])
+    finally:
+        os.environ.pop("BILINGUAL_GLM_BF16")
+    assert first["mixed_precision_resolved"] == "no" and first["cpu"]["model"]
+    assert first["max_steps_resolved"] is None and first["max_train_minutes_resolved"] == 0.1
+    assert first["steps_taken"] >= 20 and 0.1 <= first["train_minutes"] < 0.3, first
+    assert 0 < state["train_seconds"] <= first["train_minutes"] * 60
+
+    second = json.loads((out / "run_config.json").read_text())
+    assert second["resumed_from"].endswith(f"checkpoint-{state['step']}")
+    assert second["steps_taken"] > state["step"] and 0.2 <= second["train_minutes"] < 0.4, second
+    records = [r for r in read_log(out) if "loss" in r]
+    resumed = [r for r in records if r["step"] > state["step"]]
+    assert resumed[0]["step"] == state["step"] + 1
+    assert resumed[0]["train_minutes"] * 60 > state["train_seconds"]  # the budget already spent counts
+    minutes = [r["train_minutes"] for r in resumed]
+    assert minutes == sorted(minutes)
+    assert resumed[-1]["lr"] == 0.0 and max(r["lr"] for r in records) > 1e-3  # warmup, cosine, to zero
+
+
+def test_mixed_precision_auto_follows_the_one_bf16_rule(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_script", train)  # dataclasses look their module up
+    spec.loader.exec_module(train)
+    for forced, expected in (("0", "no"), ("1", "bf16")):
+        monkeypatch.setenv("BILINGUAL_GLM_BF16", forced)
+        assert train.resolve_mixed_precision("auto") == expected
+        assert train.resolve_mixed_precision("no") == "no"
+    with pytest.raises(ValueError, match="--max_train_minutes must be > 0"):
+        train.TrainingClock(None, 0.0, None, accelerator=None)
