@@ -508,7 +508,9 @@ def main(argv: list[str] | None = None) -> int:
                 "rss_mb": _rss_mb(),
                 "train_minutes": round(clock.seconds / 60, 3),
             }
-            progress.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+            progress.set_postfix(
+                step=step, loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}"
+            )
             window_tokens, window_loss, window_count, window_start = 0, 0.0, 0, time.perf_counter()
         if args.eval_steps and step % args.eval_steps == 0 and not clock.done():
             record = {"step": step, **record, **_evaluate(model, eval_sets, args, accelerator)}
@@ -608,7 +610,13 @@ def _progress_bar(clock: TrainingClock, disable: bool) -> tqdm:
     """Steps against --max_steps, or seconds against the time budget when there is one."""
     if clock.budget is None:
         return tqdm(total=clock.max_steps, initial=clock.step, disable=disable, desc="train", unit="step")
-    return tqdm(total=int(clock.budget), initial=int(clock.seconds), disable=disable, desc="train", unit="s")
+    return tqdm(
+        total=int(clock.budget),
+        initial=int(clock.seconds),
+        disable=disable,
+        desc="train",
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s of the time budget [{elapsed}<{remaining}{postfix}]",
+    )
 
 
 def _rss_mb() -> float:
