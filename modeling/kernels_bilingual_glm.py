@@ -81,7 +81,7 @@ def fast_bf16(device: torch.device | str = "cpu") -> bool:
 def onednn_fp32_wins() -> bool:
     """Whether CPU fp32 linears should run on oneDNN rather than torch's default (MKL's sgemm).
 
-    Measured on the model's shapes, 2 cores (``benchmarks/kernels.py``; figures in benchmarks/README.md):
+    Measured on the model's shapes, 2 cores (``benchmarks/cpu_paths.py``; figures in benchmarks/README.md):
     on AMD Zen 5 MKL's sgemm ran at 45 % of oneDNN's fp32 matmul (210 vs 490 GFLOP/s); on an Intel Xeon
     with AMX MKL was the faster of the two. So oneDNN is taken on AMD only: the one vendor where it was
     measured to win (other CPUs keep torch's default until someone measures them).

@@ -145,4 +145,5 @@ def test_skip_nonfinite_batches_finishes_the_run_and_rotates_checkpoints(tmp_pat
     assert sorted(losses) == list(range(1, 9)) and all(v == v for v in losses.values())
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]
     state = json.loads((out / "checkpoint-8" / "training_state.json").read_text())
+    assert state.pop("train_seconds") > 0  # the time budget a resumed run goes on spending
     assert state == {"step": 8, "micro_batches": 9}  # the skipped batch was drawn, not trained on

@@ -6,7 +6,7 @@ Rules, not timings at start-up, so a run's numbers never depend on what a first 
 script is how a rule is checked on a new kind of CPU. Shapes are the ``small`` preset's at 16 x 256
 tokens (the benchmark's training batch). Prints one JSON object and a table; exits 0 either way.
 
-    python benchmarks/kernels.py [--json kernels.json] [--repeats 20]
+    python benchmarks/cpu_paths.py [--json kernels.json] [--repeats 20]
 """
 
 from __future__ import annotations
