@@ -3,11 +3,18 @@
 THUDM's ``modeling_chatglm.py`` block is the GLM-4 block our model (and transformers' native ``glm``)
 implements, so conversion is a rename plus one split: the fused attention input projection.
 
-``self_attention.query_key_value`` rows (``H`` query heads, ``KV`` key/value groups, ``hd`` = kv_channels)::
+``self_attention.query_key_value`` rows (``H`` query heads, ``KV`` key/value groups, ``hd`` = kv_channels)
+depend on ``multi_query_attention``, because THUDM's ``SelfAttention.forward`` reads its output two ways::
 
+    multi_query_attention: true (every released ChatGLM2/3 and GLM-4-9B) — split, then view per head
     rows  0 ........... H*hd | H*hd ...... (H+KV)*hd | (H+KV)*hd ...... (H+2KV)*hd
           [ Q: all heads     | K: all groups         | V: all groups              ]
             -> q_proj          -> k_proj               -> v_proj       (bias rows likewise)
+
+    multi_query_attention: false — viewed as [..., H, 3*hd], then split in three along the last dim
+    rows  0 .. hd .. 2hd .. 3hd | 3hd ........... 6hd | ... | (H-1)*3hd ....... H*3hd
+          [ q0  | k0  | v0      | q1  | k1  | v1      | ... | q_H-1 | k_H-1 | v_H-1 ]
+            q_proj = [q0; q1; ...], k_proj = [k0; k1; ...], v_proj = [v0; v1; ...]   (KV = H)
 
 ``mlp.dense_h_to_4h`` rows are ``[gate | up]``: THUDM's SwiGLU is ``x0, x1 = chunk(2); silu(x0) * x1``, so
 the first half is the gate — the layout of our fused ``gate_up_proj``; it is copied unchanged.
@@ -291,8 +298,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ tensors
-def split_qkv(fused: torch.Tensor, config: BilingualGlmConfig) -> tuple[torch.Tensor, ...]:
-    """``[Q_all | K_all | V_all]`` rows → q ``[H*hd]``, k ``[KV*hd]``, v ``[KV*hd]`` (weight or bias)."""
+def split_qkv(
+    fused: torch.Tensor, config: BilingualGlmConfig, per_head: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """THUDM's fused rows → q ``[H*hd]``, k ``[KV*hd]``, v ``[KV*hd]`` (weight or bias).
+
+    ``per_head=False`` (``multi_query_attention: true``): rows are ``[Q_all | K_all | V_all]``.
+    ``per_head=True`` (``multi_query_attention: false``): rows are ``[q0 k0 v0 | q1 k1 v1 | ...]``, one
+    ``3*hd`` block per head — THUDM's forward views the output as ``[..., H, 3*hd]`` and splits the last dim.
+    """
     q_rows, kv_rows = (
         config.num_attention_heads * config.head_dim,
         config.num_key_value_heads * config.head_dim,
@@ -303,6 +317,11 @@ def split_qkv(fused: torch.Tensor, config: BilingualGlmConfig) -> tuple[torch.Te
             f"query_key_value has {fused.shape[0]} rows, expected (heads + 2 * kv groups) * kv_channels = "
             f"{sum(sizes)}: check num_attention_heads, multi_query_group_num and kv_channels"
         )
+    if per_head:
+        if config.num_key_value_heads != config.num_attention_heads:
+            raise ValueError("a per-head query_key_value layout needs one key/value head per query head")
+        blocks = fused.unflatten(0, (config.num_attention_heads, 3, config.head_dim))  # [H, 3, hd, ...]
+        return tuple(blocks[:, part].flatten(0, 1).clone() for part in range(3))  # each [H*hd, ...]
     return tuple(part.clone() for part in torch.split(fused, sizes, dim=0))  # own storage each
 
 
@@ -318,15 +337,20 @@ def target_name(key: str) -> str | None:
     raise ValueError(f"unknown THUDM weight {key!r}: no entry in CHATGLM_KEY_MAP")
 
 
-def map_chatglm_tensor(key: str, tensor: torch.Tensor, config: BilingualGlmConfig) -> list[tuple[str, Any]]:
-    """One THUDM tensor → our ``(name, tensor)`` pairs: 0 (dropped), 1 (renamed) or 3 (q, k, v)."""
+def map_chatglm_tensor(
+    key: str, tensor: torch.Tensor, config: BilingualGlmConfig, multi_query_attention: bool
+) -> list[tuple[str, Any]]:
+    """One THUDM tensor → our ``(name, tensor)`` pairs: 0 (dropped), 1 (renamed) or 3 (q, k, v).
+
+    ``multi_query_attention`` is the THUDM config's flag (no default: it decides the fused qkv layout,
+    and THUDM's own default, false, is the layout no released checkpoint uses).
+    """
     target = target_name(key)
     if target is None:
         return []
     if QKV in target:
-        return [
-            (target.replace(QKV, part), t) for part, t in zip("qkv", split_qkv(tensor, config), strict=True)
-        ]
+        parts = split_qkv(tensor, config, per_head=not multi_query_attention)
+        return [(target.replace(QKV, part), t) for part, t in zip("qkv", parts, strict=True)]
     return [(target, tensor)]
 
 
@@ -592,7 +616,8 @@ def convert_chatglm_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
     os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes it 0700
     try:
-        source_dtype = _write_weights(located, config, tmp, out_dtype, max_bytes)
+        multi_query = bool({**CHATGLM_DEFAULTS, **thudm_config}["multi_query_attention"])
+        source_dtype = _write_weights(located, config, tmp, out_dtype, max_bytes, multi_query)
         config.dtype = out_dtype or source_dtype
         config.architectures = ["BilingualGlmForCausalLM"]
         config.auto_map = dict(AUTO_MAP)
@@ -618,6 +643,7 @@ def _write_weights(
     folder: Path,
     dtype: torch.dtype | None,
     max_bytes: int,
+    multi_query_attention: bool,
 ) -> torch.dtype:
     """Stream source files one at a time, tensor by tensor, into output shards; return the source dtype."""
     writer, files = _ShardWriter(folder, max_bytes), sorted(set(located.values()))
@@ -630,7 +656,7 @@ def _write_weights(
                     continue
                 tensor = weights.get(key)
                 source_dtype = tensor.dtype if key == _EMBEDDING else source_dtype
-                for name, mapped in map_chatglm_tensor(key, tensor, config):
+                for name, mapped in map_chatglm_tensor(key, tensor, config, multi_query_attention):
                     writer.add(name, mapped if dtype is None else mapped.to(dtype))
                 del tensor
     writer.finish()
