@@ -570,6 +570,29 @@ def _default_mode(mode: int) -> int:
     return mode & ~umask
 
 
+def check_destination(dst: Path) -> None:
+    """Refuse (before any work) a destination that exists and is not an empty folder."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists and is not an empty folder")
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: Path) -> Iterator[Path]:
+    """A hidden temporary folder next to ``dst``: renamed to ``dst`` when the block succeeds, removed on any
+    error (or Ctrl-C), so ``dst`` never holds half a conversion. ``dst`` must pass ``check_destination``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
+    os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes it 0700
+    try:
+        yield tmp
+        if dst.exists():
+            dst.rmdir()  # empty, checked by check_destination
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -603,8 +626,7 @@ def convert_chatglm_checkpoint(
     src, dst = Path(src_dir), Path(dst_dir)
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} has no config.json: expected a THUDM-format checkpoint folder")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} already exists and is not an empty folder")
+    check_destination(dst)
     out_dtype, max_bytes = _resolve_dtype(dtype), parse_size(max_shard_size)
     thudm_config = _read_json(src / "config.json")
     tokens = resolve_special_tokens(src, thudm_config)
@@ -612,10 +634,7 @@ def convert_chatglm_checkpoint(
     located = _scan(find_weight_files(src), config)
     config.tie_word_embeddings = _output_is_tied(thudm_config, located)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
-    os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes it 0700
-    try:
+    with atomic_folder(dst) as tmp:
         multi_query = bool({**CHATGLM_DEFAULTS, **thudm_config}["multi_query_attention"])
         source_dtype = _write_weights(located, config, tmp, out_dtype, max_bytes, multi_query)
         config.dtype = out_dtype or source_dtype
@@ -627,12 +646,6 @@ def convert_chatglm_checkpoint(
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("converted %s -> %s (%d layers, dtype %s)", src, dst, config.num_hidden_layers, config.dtype)
     return config
 
@@ -675,8 +688,8 @@ def _generation_config(src: Path, config: BilingualGlmConfig) -> GenerationConfi
 
 # --------------------------------------------------------------------------------------------- CLI
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``from-chatglm`` (ignored by the other directions)."""
-    group = parser.add_argument_group("from-chatglm (THUDM ChatGLM2/3, GLM-4 folders)")
+    """Options of the streaming folder conversions (``--chat`` is for ``from-chatglm`` only)."""
+    group = parser.add_argument_group("folder conversion (from-chatglm; --dtype/--max-shard-size for all)")
     group.add_argument(
         "--dtype", default=None, help="cast weights (bfloat16, float16, float32); default: keep"
     )
