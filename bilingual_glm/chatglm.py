@@ -198,10 +198,11 @@ def check_supported(thudm_config: Mapping[str, Any]) -> None:
             "residuals, a GeLU MLP, per-head-interleaved QKV and 2D RoPE, a different block from "
             "ChatGLM2/3 and GLM-4"
         )
-    if "padded_vocab_size" not in thudm_config and thudm_config.get("model_type") == "glm":
+    native = thudm_config.get("model_type")
+    if "padded_vocab_size" not in thudm_config and native in ("glm", "glm4"):
         raise ValueError(
-            "this is a transformers-native glm config, not THUDM's format: use "
-            "`python -m bilingual_glm.conversion from-glm` instead"
+            f"this is a transformers-native {native} config, not THUDM's format: use "
+            f"`python -m bilingual_glm.conversion from-{native}` instead"
         )
     for name in _REQUIRED_FIELDS:
         if name not in thudm_config:

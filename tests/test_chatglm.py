@@ -434,6 +434,14 @@ def test_v1_config_without_modern_fields_is_refused():
         config_from_chatglm(v1)
 
 
+@pytest.mark.parametrize("model_type", ["glm", "glm4"])
+def test_native_configs_are_sent_to_their_own_direction(model_type):
+    native = {"model_type": model_type, "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2,
+              "intermediate_size": 96, "multi_query_attention": True, "ffn_hidden_size": 96}  # fmt: skip
+    with pytest.raises(ValueError, match=f"native {model_type} config.*from-{model_type}`"):
+        config_from_chatglm(native)
+
+
 def _int8_qkv(state):
     key = "transformer.encoder.layers.0.self_attention.query_key_value.weight"
     state[key] = state[key].to(torch.int8)
