@@ -252,54 +252,18 @@ def convert_folder(
 
     Every key, shape and dtype is checked against the target architecture (built on the meta device)
     before anything is written; weights are then read one at a time and written into shards of at most
-    ``max_shard_size``. Tied models carry no ``lm_head.weight``. Returns the written config.
+    ``max_shard_size``, cast to ``dtype`` if given. Tied models carry no ``lm_head.weight``. Returns the
+    written config.
     """
     to_native, _, name = direction.partition("-")
     if to_native not in ("to", "from") or name not in NATIVE_FORMATS:
         raise ValueError(f"direction must be to-/from- one of {sorted(NATIVE_FORMATS)}, got {direction!r}")
     native, to_native = NATIVE_FORMATS[name], to_native == "to"
     src, dst = Path(src_dir), Path(dst_dir)
-    source = chatglm._read_json(src / "config.json")
-    if not source:
-        raise ValueError(f"{src} has no config.json")
     chatglm.check_destination(dst)
     out_dtype, max_bytes = chatglm._resolve_dtype(dtype), chatglm.parse_size(max_shard_size)
-    model_type, sandwich = source.get("model_type"), bool(source.get("sandwich_norms", False))
-    want_type = BilingualGlmConfig.model_type if to_native else native.name
-    target_name = native.model_class.__name__ if to_native else BilingualGlmForCausalLM.__name__
     files = chatglm.find_weight_files(src)
-    shapes = _weight_infos(files)
-    renamed, unmapped = _rename_keys(shapes, native.key_map, to_native)
-    unmapped = [key for key in unmapped if not key.endswith("rotary_emb.inv_freq")]  # recomputed buffer
-    if model_type != want_type:
-        _check_representable(unmapped, [], target_name, model_type, sandwich)
-        hint = _hint(model_type, sandwich)
-        raise ValueError(
-            f"{src} holds a {model_type!r} checkpoint, {direction} reads {want_type!r}"
-            + (f": use {hint}" if hint else "")
-        )
-
-    if to_native:
-        config = glm_config_from_ours(BilingualGlmConfig.from_pretrained(src), native.config_class)
-        target_class: type[PreTrainedModel] = native.model_class
-    else:
-        config = ours_config_from_glm(native.config_class.from_pretrained(src), native.sandwich_norms)
-        target_class = BilingualGlmForCausalLM
-    with torch.device("meta"):
-        expected = _persistent_state(target_class(config))
-    if config.tie_word_embeddings:
-        expected.pop(_LM_HEAD, None)
-        renamed.pop(_LM_HEAD, None)  # a tied source saved it anyway: the embedding is what counts
-    missing = sorted(set(expected) - set(renamed.values()))
-    _check_representable(unmapped, missing, target_name, model_type, sandwich)
-    for key, target in renamed.items():
-        shape, source_dtype = shapes[key]
-        if not isinstance(source_dtype, torch.dtype):
-            raise ValueError(f"weight {key!r} has dtype {source_dtype}: only float weights convert")
-        if shape != tuple(expected[target].shape):
-            raise ValueError(
-                f"weight {key!r} has shape {shape}, the config implies {tuple(expected[target].shape)}"
-            )
+    config, target_class, renamed, source_dtype = _plan_folder(src, files, native, to_native, direction)
 
     with chatglm.atomic_folder(dst) as tmp:
         writer = chatglm._ShardWriter(tmp, max_bytes)
@@ -310,7 +274,7 @@ def convert_folder(
                         tensor = weights.get(key)
                         writer.add(renamed[key], tensor if out_dtype is None else tensor.to(out_dtype))
         writer.finish()
-        config.dtype = out_dtype or shapes[_EMBEDDING][1]
+        config.dtype = out_dtype or source_dtype
         config.architectures = [target_class.__name__]
         if not to_native:
             config.auto_map = dict(AUTO_MAP)
@@ -321,6 +285,48 @@ def convert_folder(
         else:
             GenerationConfig.from_model_config(config).save_pretrained(tmp)
     return config
+
+
+def _plan_folder(
+    src: Path, files: list[Path], native: NativeFormat, to_native: bool, direction: str
+) -> tuple[PretrainedConfig, type[PreTrainedModel], dict[str, str], torch.dtype]:
+    """Target config and class, source key → target key, source dtype; refuse anything not exact."""
+    source = chatglm._read_json(src / "config.json")
+    if not source:
+        raise ValueError(f"{src} has no config.json")
+    model_type, sandwich = source.get("model_type"), bool(source.get("sandwich_norms", False))
+    want_type = BilingualGlmConfig.model_type if to_native else native.name
+    target_class = native.model_class if to_native else BilingualGlmForCausalLM
+    infos = _weight_infos(files)
+    renamed, unmapped = _rename_keys(infos, native.key_map, to_native)
+    unmapped = [key for key in unmapped if not key.endswith("rotary_emb.inv_freq")]  # recomputed buffer
+    if model_type != want_type:
+        _check_representable(unmapped, [], target_class.__name__, model_type, sandwich)
+        hint = _hint(model_type, sandwich)
+        raise ValueError(
+            f"{src} holds a {model_type!r} checkpoint, {direction} reads {want_type!r}"
+            + (f": use {hint}" if hint else "")
+        )
+    if to_native:
+        config = glm_config_from_ours(BilingualGlmConfig.from_pretrained(src), native.config_class)
+    else:
+        config = ours_config_from_glm(native.config_class.from_pretrained(src), native.sandwich_norms)
+    with torch.device("meta"):
+        expected = _persistent_state(target_class(config))
+    if config.tie_word_embeddings:
+        expected.pop(_LM_HEAD, None)
+        renamed.pop(_LM_HEAD, None)  # a tied source saved it anyway: the embedding is what counts
+    missing = sorted(set(expected) - set(renamed.values()))
+    _check_representable(unmapped, missing, target_class.__name__, model_type, sandwich)
+    for key, target in renamed.items():
+        shape, dtype = infos[key]
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"weight {key!r} has dtype {dtype}: only float weights convert")
+        if shape != tuple(expected[target].shape):
+            raise ValueError(
+                f"weight {key!r} has shape {shape}, the config implies {tuple(expected[target].shape)}"
+            )
+    return config, target_class, renamed, infos[_EMBEDDING][1]
 
 
 def _weight_infos(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype | str]]:

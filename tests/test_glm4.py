@@ -309,3 +309,18 @@ def test_infill_on_a_sandwich_model_matches_hand_decoding(tokenizer_dir):
             seq, pos, blocks, span = seq + [token], pos + [blank], blocks + [blocks[-1] + 1], span + [token]
     assert spans == [tokenizer.decode(span, clean_up_tokenization_spaces=False)]
     assert "[MASK]" not in filled and filled.startswith("北京是")
+
+
+def test_folder_conversion_casts_with_dtype_and_refuses_a_wrong_shape(tmp_path):
+    native = to_transformers_glm4(sandwich_model(seed=7))
+    native.save_pretrained(tmp_path / "native")
+    main(["from-glm4", str(tmp_path / "native"), str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {t.dtype for t in _tensors(tmp_path / "bf16").values()} == {torch.bfloat16}
+    config = json.loads((tmp_path / "native" / "config.json").read_text())
+    (tmp_path / "native" / "config.json").write_text(json.dumps({**config, "intermediate_size": 100}))
+    with pytest.raises(
+        ValueError, match=r"down_proj\.weight' has shape \(64, 172\), the config implies \(64, 100\)"
+    ):
+        main(["from-glm4", str(tmp_path / "native"), str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
