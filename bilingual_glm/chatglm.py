@@ -3,11 +3,18 @@
 THUDM's ``modeling_chatglm.py`` block is the GLM-4 block our model (and transformers' native ``glm``)
 implements, so conversion is a rename plus one split: the fused attention input projection.
 
-``self_attention.query_key_value`` rows (``H`` query heads, ``KV`` key/value groups, ``hd`` = kv_channels)::
+``self_attention.query_key_value`` rows (``H`` query heads, ``KV`` key/value groups, ``hd`` = kv_channels)
+depend on ``multi_query_attention``, because THUDM's ``SelfAttention.forward`` reads its output two ways::
 
+    multi_query_attention: true (every released ChatGLM2/3 and GLM-4-9B) — split, then view per head
     rows  0 ........... H*hd | H*hd ...... (H+KV)*hd | (H+KV)*hd ...... (H+2KV)*hd
           [ Q: all heads     | K: all groups         | V: all groups              ]
             -> q_proj          -> k_proj               -> v_proj       (bias rows likewise)
+
+    multi_query_attention: false — viewed as [..., H, 3*hd], then split in three along the last dim
+    rows  0 .. hd .. 2hd .. 3hd | 3hd ........... 6hd | ... | (H-1)*3hd ....... H*3hd
+          [ q0  | k0  | v0      | q1  | k1  | v1      | ... | q_H-1 | k_H-1 | v_H-1 ]
+            q_proj = [q0; q1; ...], k_proj = [k0; k1; ...], v_proj = [v0; v1; ...]   (KV = H)
 
 ``mlp.dense_h_to_4h`` rows are ``[gate | up]``: THUDM's SwiGLU is ``x0, x1 = chunk(2); silu(x0) * x1``, so
 the first half is the gate — the layout of our fused ``gate_up_proj``; it is copied unchanged.
@@ -191,10 +198,11 @@ def check_supported(thudm_config: Mapping[str, Any]) -> None:
             "residuals, a GeLU MLP, per-head-interleaved QKV and 2D RoPE, a different block from "
             "ChatGLM2/3 and GLM-4"
         )
-    if "padded_vocab_size" not in thudm_config and thudm_config.get("model_type") == "glm":
+    native = thudm_config.get("model_type")
+    if "padded_vocab_size" not in thudm_config and native in ("glm", "glm4"):
         raise ValueError(
-            "this is a transformers-native glm config, not THUDM's format: use "
-            "`python -m bilingual_glm.conversion from-glm` instead"
+            f"this is a transformers-native {native} config, not THUDM's format: use "
+            f"`python -m bilingual_glm.conversion from-{native}` instead"
         )
     for name in _REQUIRED_FIELDS:
         if name not in thudm_config:
@@ -291,8 +299,15 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ tensors
-def split_qkv(fused: torch.Tensor, config: BilingualGlmConfig) -> tuple[torch.Tensor, ...]:
-    """``[Q_all | K_all | V_all]`` rows → q ``[H*hd]``, k ``[KV*hd]``, v ``[KV*hd]`` (weight or bias)."""
+def split_qkv(
+    fused: torch.Tensor, config: BilingualGlmConfig, per_head: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """THUDM's fused rows → q ``[H*hd]``, k ``[KV*hd]``, v ``[KV*hd]`` (weight or bias).
+
+    ``per_head=False`` (``multi_query_attention: true``): rows are ``[Q_all | K_all | V_all]``.
+    ``per_head=True`` (``multi_query_attention: false``): rows are ``[q0 k0 v0 | q1 k1 v1 | ...]``, one
+    ``3*hd`` block per head — THUDM's forward views the output as ``[..., H, 3*hd]`` and splits the last dim.
+    """
     q_rows, kv_rows = (
         config.num_attention_heads * config.head_dim,
         config.num_key_value_heads * config.head_dim,
@@ -303,6 +318,11 @@ def split_qkv(fused: torch.Tensor, config: BilingualGlmConfig) -> tuple[torch.Te
             f"query_key_value has {fused.shape[0]} rows, expected (heads + 2 * kv groups) * kv_channels = "
             f"{sum(sizes)}: check num_attention_heads, multi_query_group_num and kv_channels"
         )
+    if per_head:
+        if config.num_key_value_heads != config.num_attention_heads:
+            raise ValueError("a per-head query_key_value layout needs one key/value head per query head")
+        blocks = fused.unflatten(0, (config.num_attention_heads, 3, config.head_dim))  # [H, 3, hd, ...]
+        return tuple(blocks[:, part].flatten(0, 1).clone() for part in range(3))  # each [H*hd, ...]
     return tuple(part.clone() for part in torch.split(fused, sizes, dim=0))  # own storage each
 
 
@@ -318,15 +338,20 @@ def target_name(key: str) -> str | None:
     raise ValueError(f"unknown THUDM weight {key!r}: no entry in CHATGLM_KEY_MAP")
 
 
-def map_chatglm_tensor(key: str, tensor: torch.Tensor, config: BilingualGlmConfig) -> list[tuple[str, Any]]:
-    """One THUDM tensor → our ``(name, tensor)`` pairs: 0 (dropped), 1 (renamed) or 3 (q, k, v)."""
+def map_chatglm_tensor(
+    key: str, tensor: torch.Tensor, config: BilingualGlmConfig, multi_query_attention: bool
+) -> list[tuple[str, Any]]:
+    """One THUDM tensor → our ``(name, tensor)`` pairs: 0 (dropped), 1 (renamed) or 3 (q, k, v).
+
+    ``multi_query_attention`` is the THUDM config's flag (no default: it decides the fused qkv layout,
+    and THUDM's own default, false, is the layout no released checkpoint uses).
+    """
     target = target_name(key)
     if target is None:
         return []
     if QKV in target:
-        return [
-            (target.replace(QKV, part), t) for part, t in zip("qkv", split_qkv(tensor, config), strict=True)
-        ]
+        parts = split_qkv(tensor, config, per_head=not multi_query_attention)
+        return [(target.replace(QKV, part), t) for part, t in zip("qkv", parts, strict=True)]
     return [(target, tensor)]
 
 
@@ -546,6 +571,29 @@ def _default_mode(mode: int) -> int:
     return mode & ~umask
 
 
+def check_destination(dst: Path) -> None:
+    """Refuse (before any work) a destination that exists and is not an empty folder."""
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists and is not an empty folder")
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: Path) -> Iterator[Path]:
+    """A hidden temporary folder next to ``dst``: renamed to ``dst`` when the block succeeds, removed on any
+    error (or Ctrl-C), so ``dst`` never holds half a conversion. ``dst`` must pass ``check_destination``."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
+    os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes it 0700
+    try:
+        yield tmp
+        if dst.exists():
+            dst.rmdir()  # empty, checked by check_destination
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -579,8 +627,7 @@ def convert_chatglm_checkpoint(
     src, dst = Path(src_dir), Path(dst_dir)
     if not (src / "config.json").is_file():
         raise ValueError(f"{src} has no config.json: expected a THUDM-format checkpoint folder")
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} already exists and is not an empty folder")
+    check_destination(dst)
     out_dtype, max_bytes = _resolve_dtype(dtype), parse_size(max_shard_size)
     thudm_config = _read_json(src / "config.json")
     tokens = resolve_special_tokens(src, thudm_config)
@@ -588,11 +635,9 @@ def convert_chatglm_checkpoint(
     located = _scan(find_weight_files(src), config)
     config.tie_word_embeddings = _output_is_tied(thudm_config, located)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
-    os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes it 0700
-    try:
-        source_dtype = _write_weights(located, config, tmp, out_dtype, max_bytes)
+    with atomic_folder(dst) as tmp:
+        multi_query = bool({**CHATGLM_DEFAULTS, **thudm_config}["multi_query_attention"])
+        source_dtype = _write_weights(located, config, tmp, out_dtype, max_bytes, multi_query)
         config.dtype = out_dtype or source_dtype
         config.architectures = ["BilingualGlmForCausalLM"]
         config.auto_map = dict(AUTO_MAP)
@@ -602,12 +647,6 @@ def convert_chatglm_checkpoint(
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("converted %s -> %s (%d layers, dtype %s)", src, dst, config.num_hidden_layers, config.dtype)
     return config
 
@@ -618,6 +657,7 @@ def _write_weights(
     folder: Path,
     dtype: torch.dtype | None,
     max_bytes: int,
+    multi_query_attention: bool,
 ) -> torch.dtype:
     """Stream source files one at a time, tensor by tensor, into output shards; return the source dtype."""
     writer, files = _ShardWriter(folder, max_bytes), sorted(set(located.values()))
@@ -630,7 +670,7 @@ def _write_weights(
                     continue
                 tensor = weights.get(key)
                 source_dtype = tensor.dtype if key == _EMBEDDING else source_dtype
-                for name, mapped in map_chatglm_tensor(key, tensor, config):
+                for name, mapped in map_chatglm_tensor(key, tensor, config, multi_query_attention):
                     writer.add(name, mapped if dtype is None else mapped.to(dtype))
                 del tensor
     writer.finish()
@@ -649,8 +689,8 @@ def _generation_config(src: Path, config: BilingualGlmConfig) -> GenerationConfi
 
 # --------------------------------------------------------------------------------------------- CLI
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``from-chatglm`` (ignored by the other directions)."""
-    group = parser.add_argument_group("from-chatglm (THUDM ChatGLM2/3, GLM-4 folders)")
+    """Options of the streaming folder conversions (``--chat`` is for ``from-chatglm`` only)."""
+    group = parser.add_argument_group("folder conversion (from-chatglm; --dtype/--max-shard-size for all)")
     group.add_argument(
         "--dtype", default=None, help="cast weights (bfloat16, float16, float32); default: keep"
     )

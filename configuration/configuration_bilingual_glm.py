@@ -134,6 +134,10 @@ class BilingualGlmConfig(PretrainedConfig):
 
     The first ``head_dim * partial_rotary_factor`` dims are rotated by the token position, the next as many
     by the GLM block position (0 outside Part B spans, so they pass through unchanged, exactly as in GLM-4).
+
+    ``sandwich_norms=True`` is the GLM-4-0414 block (transformers' ``glm4``): two more RMSNorms per layer,
+    each on a sublayer's output before its residual add. Off by default, so ``glm`` checkpoints and every
+    folder saved before the field existed load unchanged.
     """
 
     model_type = "bilingual_glm"
@@ -155,6 +159,7 @@ class BilingualGlmConfig(PretrainedConfig):
         rms_norm_eps: float = 1e-5,
         attention_bias: bool = True,
         attention_dropout: float = 0.0,
+        sandwich_norms: bool = False,
         # rotary
         rope_theta: float = 10000.0,
         partial_rotary_factor: float = 0.5,
@@ -194,6 +199,7 @@ class BilingualGlmConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
+        self.sandwich_norms = sandwich_norms
         self.rope_theta = rope_theta
         self.partial_rotary_factor = partial_rotary_factor
         self.initializer_range = initializer_range
@@ -244,6 +250,8 @@ class BilingualGlmConfig(PretrainedConfig):
             raise ValueError(f"initializer_range must be >= 0, got {self.initializer_range!r}")
         if not isinstance(self.attention_dropout, (int, float)) or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        if not isinstance(self.sandwich_norms, bool):
+            raise ValueError(f"sandwich_norms must be True or False, got {self.sandwich_norms!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (GLM-4's SwiGLU), got {self.hidden_act!r}")
         for name in _TOKEN_ID_FIELDS:

@@ -6,13 +6,16 @@ Model → heads):
 - RMSNorm (fp32 statistics), pre-norm residuals, a final norm — GLM-4 / ChatGLM2+.
 - Grouped-query attention with bias on q/k/v only, ``o_proj`` without bias.
 - SwiGLU MLP with one fused ``gate_up_proj`` (gate first) and ``down_proj``.
+- Optional GLM-4-0414 "sandwich" norms (``config.sandwich_norms``): an RMSNorm on each sublayer's output
+  before its residual add, as transformers' ``glm4``.
 - Partial, *interleaved* rotary embedding (GLM-4 convention) extended to GLM's 2D positions: the first
   rotary slice of each head follows the token position, the next slice the block position.
 - Prefix ("Part A") attention: a per-row prefix length opens the first columns to every query, giving
   GLM's bidirectional context, or a full bidirectional encoder when the prefix is the whole row.
 
 With 1D positions (or block positions all zero) and no prefix this is exactly transformers' native
-``GlmForCausalLM``, weight name for weight name; ``bilingual_glm.conversion`` moves checkpoints both ways.
+``GlmForCausalLM`` (``Glm4ForCausalLM`` with sandwich norms), weight name for weight name;
+``bilingual_glm.conversion`` moves checkpoints both ways.
 
 The faster paths it takes where they apply (oneDNN fp32 linears on CPU, bf16 matmul attention on CPU, a
 chunked linear + cross-entropy) live in ``kernels_bilingual_glm.py`` beside it, each with the plain op as
@@ -252,13 +255,30 @@ class BilingualGlmMLP(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------- layer
+def _sandwich_norm(config: BilingualGlmConfig) -> nn.Module:
+    """A GLM-4-0414 post-sublayer RMSNorm when ``config.sandwich_norms``, else a weightless identity."""
+    if config.sandwich_norms:
+        return BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return nn.Identity()
+
+
 class BilingualGlmDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block; with ``sandwich_norms`` each sublayer's output is normed again before its add::
+
+        x = x + post_self_attn_layernorm(attn(input_layernorm(x)))      # GLM-4-0414 (glm4)
+        x = x + post_mlp_layernorm(mlp(post_attention_layernorm(x)))
+
+    Without them those two are ``nn.Identity`` (no weights), so the block and its state dict are GLM-4's.
+    """
+
     def __init__(self, config: BilingualGlmConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = BilingualGlmAttention(config, layer_idx)
         self.mlp = BilingualGlmMLP(config)
         self.input_layernorm = BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_self_attn_layernorm = _sandwich_norm(config)
+        self.post_mlp_layernorm = _sandwich_norm(config)
 
     def forward(
         self,
@@ -271,8 +291,9 @@ class BilingualGlmDecoderLayer(GradientCheckpointingLayer):
         attn_out, weights = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache, **kwargs
         )
-        hidden_states = hidden_states + attn_out
-        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + self.post_self_attn_layernorm(attn_out)
+        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + self.post_mlp_layernorm(mlp_out)
         return hidden_states, weights
 
 
@@ -361,7 +382,9 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
         |   lm_head, score)                                      |                             |
         | q/k/v biases                                           | zeros                       |
         | ``embed_tokens``                                       | normal(0, initializer_range)|
-        | RMSNorm weights                                        | ones                        |
+        | RMSNorm weights (input, post_attention, final norm)    | ones                        |
+        | sandwich norms ``post_self_attn_layernorm``,           | ones                        |
+        |   ``post_mlp_layernorm`` (``sandwich_norms`` only)     |                             |
         | rotary ``inv_freq`` (non-persistent buffer)            | recomputed from rope_theta  |
         """
         std = self.config.initializer_range

@@ -59,8 +59,25 @@ def native_glm(seed=0, heads=4, kv_heads=2, rope_ratio=1.0, tied=False, bias=Tru
     return model.to(dtype).eval()
 
 
-def thudm_state_dict(model):
-    """The inverse mapping: native GLM names → THUDM names, q/k/v fused as ``[Q_all | K_all | V_all]``."""
+def fuse_qkv(q, k, v, heads, multi_query_attention=True):
+    """THUDM's ``query_key_value`` rows from q/k/v, laid out the way THUDM's forward reads them.
+
+    THUDM ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B ``modeling_chatglm.py``, ``SelfAttention``:
+    - ``multi_query_attention`` true: ``__init__`` sizes the projection ``projection_size + 2 * hn * groups``
+      and ``forward`` does ``mixed_x_layer.split([np * hn, ng * hn, ng * hn], dim=-1)``, then views each
+      part per head: rows ``[Q_all | K_all | V_all]``.
+    - false: ``__init__`` sizes it ``3 * projection_size`` and ``forward`` views the output as
+      ``[sq, b, np, 3 * hn]`` and calls ``split_tensor_along_last_dim(mixed_x_layer, 3)``: each head owns
+      one ``3 * hn`` block, rows ``[q0 k0 v0 | q1 k1 v1 | ...]`` (``multi_query_group_num`` is unused).
+    """
+    if multi_query_attention:
+        return torch.cat((q, k, v))
+    per_head = [t.unflatten(0, (heads, -1)) for t in (q, k, v)]  # each [H, hd, ...]
+    return torch.cat(per_head, dim=1).flatten(0, 1)  # [H, 3*hd, ...] -> [3*H*hd, ...]
+
+
+def thudm_state_dict(model, multi_query_attention=True):
+    """The inverse mapping: native GLM names → THUDM names, q/k/v fused as THUDM lays them out."""
     sd, config = model.state_dict(), model.config
     out = {"transformer.embedding.word_embeddings.weight": sd["model.embed_tokens.weight"]}
     for i in range(config.num_hidden_layers):
@@ -68,8 +85,10 @@ def thudm_state_dict(model):
         attn = ours + "self_attn."
         out[theirs + "input_layernorm.weight"] = sd[ours + "input_layernorm.weight"]
         for kind in ("weight", "bias") if config.attention_bias else ("weight",):
-            fused = [sd[f"{attn}{p}_proj.{kind}"] for p in "qkv"]
-            out[f"{theirs}self_attention.query_key_value.{kind}"] = torch.cat(fused)
+            q, k, v = (sd[f"{attn}{p}_proj.{kind}"] for p in "qkv")
+            out[f"{theirs}self_attention.query_key_value.{kind}"] = fuse_qkv(
+                q, k, v, config.num_attention_heads, multi_query_attention
+            )
         out[theirs + "self_attention.dense.weight"] = sd[attn + "o_proj.weight"]
         out[theirs + "post_attention_layernorm.weight"] = sd[ours + "post_attention_layernorm.weight"]
         out[theirs + "mlp.dense_h_to_4h.weight"] = sd[ours + "mlp.gate_up_proj.weight"]
@@ -139,7 +158,8 @@ def write_checkpoint(folder, state, config, fmt="safetensors", shards=1):
 
 def make_checkpoint(folder, model, rope_ratio=1.0, config_overrides=None, **write_kwargs):
     config = thudm_config(model, rope_ratio, **(config_overrides or {}))
-    return write_checkpoint(folder, thudm_state_dict(model), config, **write_kwargs)
+    state = thudm_state_dict(model, config["multi_query_attention"])
+    return write_checkpoint(folder, state, config, **write_kwargs)
 
 
 def converted_logits(dst, ids):
@@ -185,8 +205,10 @@ def test_safetensors_checkpoint_matches_native(tmp_path, variant):
 
 
 def test_without_multi_query_attention_every_head_has_its_own_kv(tmp_path):
+    """MQA off: per-head ``[q k v]`` blocks (see fuse_qkv); THUDM then ignores multi_query_group_num."""
     native = native_glm(seed=4, heads=4, kv_heads=4)
-    src = make_checkpoint(tmp_path / "src", native, config_overrides={"multi_query_attention": False})
+    overrides = {"multi_query_attention": False, "multi_query_group_num": 1}
+    src = make_checkpoint(tmp_path / "src", native, config_overrides=overrides)
     convert_chatglm_checkpoint(src, tmp_path / "dst")
     assert assert_parity(native, tmp_path / "dst").config.num_key_value_heads == 4
 
@@ -244,7 +266,9 @@ def test_dtype_option_casts(tmp_path):
 
 def thudm_reference_logits(state, config, ids):
     """THUDM's ChatGLM2/GLM-4 forward re-implemented from its definition, on the THUDM tensors."""
-    heads, groups, hd = config["num_attention_heads"], config["multi_query_group_num"], config["kv_channels"]
+    heads, hd = config["num_attention_heads"], config["kv_channels"]
+    multi_query = config["multi_query_attention"]
+    groups = config["multi_query_group_num"] if multi_query else heads
     eps, rot = config["layernorm_epsilon"], hd // 2  # rotary on the first half of each head
 
     def rms(x, weight):
@@ -268,12 +292,16 @@ def thudm_reference_logits(state, config, ids):
             state[layer + "self_attention.query_key_value.weight"],
             state.get(layer + "self_attention.query_key_value.bias"),
         )
-        q, k, v = qkv.split([heads * hd, groups * hd, groups * hd], dim=-1)
-        q, k, v = (
-            rope(q.unflatten(-1, (heads, hd))),
-            rope(k.unflatten(-1, (groups, hd))),
-            v.unflatten(-1, (groups, hd)),
-        )
+        if multi_query:  # split [Q_all | K_all | V_all], then view each part per head
+            q, k, v = qkv.split([heads * hd, groups * hd, groups * hd], dim=-1)
+            q, k, v = (
+                q.unflatten(-1, (heads, hd)),
+                k.unflatten(-1, (groups, hd)),
+                v.unflatten(-1, (groups, hd)),
+            )
+        else:  # view per head as [..., heads, 3 * hd], then split the last dim in three
+            q, k, v = qkv.unflatten(-1, (heads, 3 * hd)).split(hd, dim=-1)
+        q, k = rope(q), rope(k)
         k, v = (t.repeat_interleave(heads // groups, dim=2) for t in (k, v))  # head h reads group h // (H/KV)
         attn = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v)), is_causal=True)
         x = x + F.linear(attn.transpose(1, 2).flatten(-2), state[layer + "self_attention.dense.weight"])
@@ -287,10 +315,13 @@ def thudm_reference_logits(state, config, ids):
     )
 
 
-def test_matches_an_independent_thudm_forward(tmp_path):
+@pytest.mark.parametrize("multi_query_attention", [True, False])
+def test_matches_an_independent_thudm_forward(tmp_path, multi_query_attention):
     """Anchors the layouts (qkv rows, gate first, interleaved half rotary, rope_ratio) to THUDM's definition."""
-    native = native_glm(seed=9, heads=4, kv_heads=2)
-    state, config = thudm_state_dict(native), thudm_config(native, rope_ratio=50.0)
+    native = native_glm(seed=9, heads=4, kv_heads=2 if multi_query_attention else 4)
+    overrides = {} if multi_query_attention else {"multi_query_attention": False, "multi_query_group_num": 2}
+    config = thudm_config(native, rope_ratio=50.0, **overrides)
+    state = thudm_state_dict(native, multi_query_attention)
     convert_chatglm_checkpoint(write_checkpoint(tmp_path / "src", state, config), tmp_path / "dst")
     ids = ids_for(seed=2)
     _, logits = converted_logits(tmp_path / "dst", ids)
@@ -401,6 +432,14 @@ def test_v1_config_without_modern_fields_is_refused():
     v1 = {"model_type": "chatglm", "hidden_size": 4096, "num_layers": 28, "vocab_size": 130528}
     with pytest.raises(ValueError, match="ChatGLM-6B v1.*DeepNorm"):
         config_from_chatglm(v1)
+
+
+@pytest.mark.parametrize("model_type", ["glm", "glm4"])
+def test_native_configs_are_sent_to_their_own_direction(model_type):
+    native = {"model_type": model_type, "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2,
+              "intermediate_size": 96, "multi_query_attention": True, "ffn_hidden_size": 96}  # fmt: skip
+    with pytest.raises(ValueError, match=f"native {model_type} config.*from-{model_type}`"):
+        config_from_chatglm(native)
 
 
 def _int8_qkv(state):

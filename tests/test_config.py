@@ -53,6 +53,7 @@ def test_unknown_preset_is_named():
         (dict(initializer_range=-0.1), "initializer_range"),
         (dict(attention_dropout=1.0), "attention_dropout"),
         (dict(hidden_act="gelu"), "hidden_act"),
+        (dict(sandwich_norms=1), "sandwich_norms"),
         (dict(pad_token_id=5000), "pad_token_id"),
         (dict(eos_token_id=[0, 4096]), "eos_token_id"),
         (dict(gmask_token_id=-1), "gmask_token_id"),
