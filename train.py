@@ -36,8 +36,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser, get_cosine_schedule_with_warmup
 
 import bilingual_glm
-from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM
-from bilingual_glm import distributed
+from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM, distributed
 from bilingual_glm.checkpoints import find_checkpoint
 from bilingual_glm.corpora import load_demo_corpus, load_text_files
 from bilingual_glm.data import BlankInfillingCollator, CausalCollator, MlmCollator, pack_causal
@@ -393,9 +392,8 @@ def main(argv: list[str] | None = None) -> int:
                 grad_norm = None
                 if accelerator.sync_gradients:  # all ranks see the same reduced gradients, so agree
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if grad_norm is not None and not torch.isfinite(
-                    torch.as_tensor(grad_norm)
-                ):  # DeepSpeed: a float
+                # DeepSpeed returns the norm as a float
+                if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)
                     if not args.skip_nonfinite_batches:
                         raise FloatingPointError(
