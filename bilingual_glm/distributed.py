@@ -5,7 +5,7 @@ takes); this module holds what those launches need beyond ``Accelerator(...)``, 
 
 * **gloo on CPU.** Accelerate picks no process-group backend when a DeepSpeed or FSDP launch finds no
   accelerator, and each process then trains alone (``DistributedType.NO``).
-  :func:`process_group_kwargs` (train.py) and :func:`init_cpu_process_group` (finetune.py, Trainer)
+  :func:`process_group_kwargs` (train.py) and :func:`trainer_defaults` (finetune.py, Trainer)
   ask for ``gloo``, which DeepSpeed 0.19 and FSDP2 both run on (no oneCCL needed).
 * **DeepSpeed fix-ups.** The configs say ``gradient_clipping: auto``; Accelerate's plugin turns an
   unfilled ``auto`` into 1.0 and drops an explicit 0.0 (falsy), so the script's ``--max_grad_norm`` is
@@ -82,13 +82,19 @@ def process_group_kwargs() -> list[InitProcessGroupKwargs]:
     return []
 
 
-def init_cpu_process_group(deepspeed: Any = None) -> None:
-    """finetune.py (Trainer) + DeepSpeed without GPUs: create the gloo ``PartialState`` before
-    TrainingArguments does; its own ``ddp_backend`` is ignored on the DeepSpeed branch."""
-    if requested(deepspeed=deepspeed)["engine"] == "DEEPSPEED" and _launched_world_size() > 1:
-        if _no_accelerator() and not _flag("ACCELERATE_USE_CPU"):
-            os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-            PartialState(backend="gloo")
+def trainer_defaults() -> dict[str, Any]:
+    """Defaults for finetune.py's ``TrainingArguments`` (``parser.set_defaults``): ``ddp_backend=gloo`` for a
+    multi-process ``accelerate launch`` DeepSpeed run without GPUs.
+
+    Trainer builds its ``PartialState`` while the arguments are parsed and, for a launch config (not
+    ``--deepspeed``), passes ``ddp_backend`` on as the backend; unset, each rank runs DeepSpeed alone with
+    a world size of 1 (which :func:`check` reports). ``--deepspeed ds.json`` ignores ``ddp_backend``:
+    on CPU use the launch config instead.
+    """
+    if requested()["engine"] == "DEEPSPEED" and _launched_world_size() > 1 and _no_accelerator():
+        if not _flag("ACCELERATE_USE_CPU"):
+            return {"ddp_backend": "gloo"}
+    return {}
 
 
 def configure(accelerator: Accelerator, max_grad_norm: float, micro_batch_size: int) -> None:
