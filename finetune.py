@@ -47,6 +47,7 @@ from transformers import (
 )
 
 import bilingual_glm  # noqa: F401  (registers model_type "bilingual_glm" with the Auto classes)
+from bilingual_glm import distributed
 from bilingual_glm.checkpoints import find_checkpoint
 from bilingual_glm.finetune_data import (
     DEFAULT_CLOZE_TEMPLATES,
@@ -678,7 +679,9 @@ def resolve_resume(output_dir: Path, spec: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    distributed.fix_launch_environment()
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
+    parser.set_defaults(**distributed.trainer_defaults())  # gloo for DeepSpeed without GPUs
     args, training_args = parser.parse_args_into_dataclasses(args=argv)
     args.validate()
     resolve_mixed_precision(args, training_args)
@@ -721,6 +724,12 @@ def main(argv: list[str] | None = None) -> int:
     # --- train, evaluate, test
     card = card_info(args, training_args, len(splits["train"]), encoder, label_names)
     trainer = build_trainer(args, training_args, model, tokenizer, splits, collator, encoder, card)
+    wanted = distributed.requested(deepspeed=training_args.deepspeed, fsdp=training_args.fsdp)
+    run_config["distributed"] = distributed.check(trainer.accelerator, wanted)  # never a silent fallback
+    if training_args.should_save:
+        (output_dir / "run_config.json").write_text(
+            json.dumps(run_config, indent=2, ensure_ascii=False, default=str)
+        )
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, HfArgumentParser
 
 import bilingual_glm
-from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM
+from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM, distributed
 from bilingual_glm.checkpoints import find_checkpoint
 from bilingual_glm.corpora import load_demo_corpus, load_text_files
 from bilingual_glm.data import BlankInfillingCollator, CausalCollator, MlmCollator, pack_causal
@@ -350,12 +350,16 @@ def main(argv: list[str] | None = None) -> int:
         else None
     )
 
+    distributed.fix_launch_environment()
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        kwargs_handlers=distributed.process_group_kwargs(),  # gloo for DeepSpeed/FSDP without GPUs
     )
     clock = TrainingClock(args.max_steps, args.max_train_minutes, args.warmup_steps, accelerator)
+    distributed.configure(accelerator, args.max_grad_norm, args.per_device_train_batch_size)
+    distributed.check(accelerator, distributed.requested())  # never a silent fallback: exit 2 at start
     set_seed(args.seed)
     main_process = accelerator.is_main_process
     if main_process:
@@ -426,9 +430,10 @@ def main(argv: list[str] | None = None) -> int:
         "cpu": cpu_info(),
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, ...
+        "distributed": distributed.describe(accelerator, model),  # engine, stage/version, sharding in effect
         "device": str(accelerator.device),
         "resumed_from": str(resume_path) if resume_path else None,
-        "parameters": sum(p.numel() for p in accelerator.unwrap_model(model).parameters()),
+        "parameters": distributed.parameter_count(accelerator.unwrap_model(model)),
         "model_config": config.to_dict(),
         "versions": {"torch": torch.__version__, "transformers": sys.modules["transformers"].__version__},
         "argv": sys.argv,
@@ -469,7 +474,8 @@ def main(argv: list[str] | None = None) -> int:
                 grad_norm = None
                 if accelerator.sync_gradients:  # all ranks see the same reduced gradients, so agree
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                if grad_norm is not None and not torch.isfinite(grad_norm):
+                # DeepSpeed returns the norm as a float
+                if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)
                     if not args.skip_nonfinite_batches:
                         raise FloatingPointError(
@@ -484,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
                 clock.tick()  # before the scheduler: it reads the new step and time
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.item() / args.gradient_accumulation_steps
+            step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
             mask = batch.get("attention_mask")
             step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         if math.isnan(step_loss):
@@ -535,18 +541,20 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- final: held-out perplexity, save, samples
     final_eval = {"step": step, **clock.summary(), **_evaluate(model, eval_sets, args, accelerator)}
+    state_dict = accelerator.get_state_dict(model)  # collective: gathers ZeRO-3 / FSDP shards on rank 0
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.generation_config.eos_token_id = [tokenizer.eos_token_id]
+    unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
     if main_process:
         write_json_atomic(output_dir / "run_config.json", {**run_config, **clock.summary()})
         history.append(final_eval)
         with log_path.open("a", encoding="utf-8") as log:
             log.write(json.dumps(final_eval, ensure_ascii=False) + "\n")
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.generation_config.eos_token_id = [tokenizer.eos_token_id]
-        unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
-        unwrapped.save_pretrained(output_dir)
+        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
         _plot_loss(history, output_dir / "loss.png")
         accelerator.print("held-out: " + json.dumps({k: v for k, v in final_eval.items() if k != "step"}))
+    if main_process or distributed.params_sharded(accelerator):  # sharded: every forward is collective
         _print_samples(unwrapped, tokenizer, args, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -570,9 +578,9 @@ def _micro_batches(loader: Any, accelerator: Accelerator, args: TrainArguments, 
 
 
 def _evaluate(model: Any, eval_sets: dict[str, Any], args: TrainArguments, accelerator: Accelerator) -> dict:
-    """Held-out perplexity per language, on the main process (others wait)."""
+    """Held-out perplexity per language, on the main process (others wait; all ranks when sharded)."""
     metrics = {}
-    if accelerator.is_main_process:
+    if accelerator.is_main_process or distributed.params_sharded(accelerator):  # sharded: all ranks forward
         unwrapped = accelerator.unwrap_model(model)
         for lang, blocks in eval_sets.items():
             metrics[f"eval_ppl_{lang}"] = perplexity(
