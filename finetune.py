@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -172,10 +173,14 @@ def resolve_mixed_precision(args: FinetuneArguments, training_args: TrainingArgu
     """Turn on bf16 for ``--mixed_precision auto`` where ``fast_bf16`` says the device does it natively.
 
     Trainer's own default is fp32 everywhere; emulated bf16 (CPUs without AVX512-BF16/AMX) is many times
-    slower than fp32, native bf16 about twice as fast. Reads the device without initialising
-    distributed state (a DeepSpeed/gloo launch must create that first).
+    slower than fp32, native bf16 about twice as fast. A precision the launch chose (``accelerate launch``'s
+    config, a DeepSpeed config) is left alone: overriding it makes DeepSpeed refuse the mismatch. Reads
+    the device without initialising distributed state (a DeepSpeed/gloo launch must create that first).
     """
-    chosen = training_args.fp16 or training_args.bf16 or training_args.mixed_precision != "no"
+    launch_chose = (
+        "ACCELERATE_MIXED_PRECISION" in os.environ or training_args.deepspeed
+    )  # its own bf16 section
+    chosen = training_args.fp16 or training_args.bf16 or launch_chose
     if args.mixed_precision == "auto" and not chosen:
         device = "cuda" if torch.cuda.is_available() and not training_args.use_cpu else "cpu"
         if fast_bf16(device):

@@ -131,12 +131,14 @@ class TrainArguments:
 
 # ----------------------------------------------------------------------------------------- setup
 def resolve_mixed_precision(choice: str) -> str:
-    """``auto``: bf16 where the device has it natively (``fast_bf16``), else fp32: emulated bf16 on a CPU
-    without AVX512-BF16/AMX is many times slower than fp32."""
+    """``auto``: what an ``accelerate launch`` config chose, else bf16 where the device has it natively
+    (``fast_bf16``), else fp32: emulated bf16 on a CPU without AVX512-BF16/AMX is many times slower."""
     if choice not in ("auto", "no", "bf16", "fp16"):
         raise ValueError(f"--mixed_precision must be auto, no, bf16 or fp16, got {choice!r}")
     if choice != "auto":
         return choice
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):  # `accelerate launch` passes its config's choice
+        return os.environ["ACCELERATE_MIXED_PRECISION"]
     return "bf16" if fast_bf16("cuda" if torch.cuda.is_available() else "cpu") else "no"
 
 

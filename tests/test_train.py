@@ -267,9 +267,12 @@ def test_mixed_precision_auto_follows_the_one_bf16_rule(monkeypatch):
     train = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "train_script", train)  # dataclasses look their module up
     spec.loader.exec_module(train)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     for forced, expected in (("0", "no"), ("1", "bf16")):
         monkeypatch.setenv("BILINGUAL_GLM_BF16", forced)
         assert train.resolve_mixed_precision("auto") == expected
         assert train.resolve_mixed_precision("no") == "no"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # an accelerate launch config's choice wins
+    assert train.resolve_mixed_precision("auto") == "no"
     with pytest.raises(ValueError, match="--max_train_minutes must be > 0"):
         train.TrainingClock(None, 0.0, None, accelerator=None)
