@@ -206,6 +206,19 @@ def build_chat_inputs(demo: DemoModels, message: str, history: Sequence[dict]) -
         turns = turns[2:] if len(turns) > 1 else []  # drop the oldest user/assistant pair
 
 
+def check_chat_message(demo: DemoModels, message: str) -> str | None:
+    """Why ``message`` cannot be sent (empty, or too long even with no history), or None when it can.
+
+    The page runs this as the chat box's validator, so a refused message shows under the box and the
+    conversation above it is left as it was.
+    """
+    try:
+        build_chat_inputs(demo, message, [])
+    except DemoInputError as error:
+        return str(error)
+    return None
+
+
 def generation_kwargs(demo: DemoModels, max_new_tokens: int) -> dict[str, Any]:
     """Greedy decoding that ends at eos or at any role token (an answer never runs into the next turn)."""
     return dict(
@@ -325,6 +338,10 @@ def _shown(function: Any) -> Any:
     return call
 
 
+def _validation(problem: str | None) -> tuple[bool, str]:
+    return problem is None, problem or ""
+
+
 def build_demo(demo: DemoModels) -> Any:
     """The Gradio page: three tabs over the functions above."""
     import gradio as gr
@@ -351,6 +368,7 @@ def build_demo(demo: DemoModels) -> Any:
                 additional_inputs=[gr.Slider(8, 256, value=64, step=8, label="Max new tokens")],
                 examples=[["你好"], ["What is your name?"]],
                 cache_examples=False,
+                validator=lambda message: gr.validate(*_validation(check_chat_message(demo, message))),
             )
         with gr.Tab("Blank infilling", id="infill"):
             infill_text = gr.Textbox(

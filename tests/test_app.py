@@ -110,6 +110,9 @@ def test_chat_history_is_trimmed_oldest_first_and_a_lone_long_message_is_refused
         app.build_chat_inputs(demo, "word " * 200, [])
     with pytest.raises(app.DemoInputError, match="message is empty"):
         list(app.chat_stream(demo, "   ", []))
+    assert "too long" in app.check_chat_message(demo, "word " * 200)
+    assert "message is empty" in app.check_chat_message(demo, "")
+    assert app.check_chat_message(demo, "hello") is None
 
 
 def test_infill_highlights_one_span_per_mask_and_rebuilds_the_filled_text(demo):
