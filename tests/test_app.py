@@ -179,3 +179,13 @@ def test_missing_model_folder_exits_with_the_recipe(tmp_path, capsys, monkeypatc
     error = capsys.readouterr().err
     assert f"app.py: error: {tmp_path / 'nothing'}: no model folder there" in error
     assert "python finetune.py --task sft" in error and "docs/chat.md" in error
+
+
+def test_recipe_sample_script_answers_exactly_as_the_chat_tab(demo):
+    spec = importlib.util.spec_from_file_location("chat_samples", ROOT / "scripts" / "chat_samples.py")
+    chat_samples = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chat_samples)
+    assert chat_samples.ROLE_TOKENS == app.ROLE_TOKENS
+    streamed = list(app.chat_stream(demo, "What is AI?", [], max_new_tokens=10))[-1]
+    answer = chat_samples.answer(demo.model, demo.tokenizer, "What is AI?", 10)
+    assert streamed == (answer if answer.strip() else "(the model answered with an empty text)")
