@@ -104,6 +104,19 @@ def error_toast(page):
     return page.get_by_test_id("toast-body").last
 
 
+def dismiss_toasts(page) -> None:
+    """Close the error messages already checked, so later screenshots show only the current tab."""
+    for button in page.get_by_test_id("toast-close").all():
+        button.click()
+    expect(page.get_by_test_id("toast-body")).to_have_count(0)
+
+
+def settled_screenshot(page, path: Path) -> None:
+    """Screenshot after the output's fade-in (Gradio fades outputs while a request runs)."""
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(path), full_page=True)
+
+
 def test_page_shows_three_tabs(page):
     for name in ("Chat", "Blank infilling", "Sentiment"):
         expect(page.get_by_role("tab", name=name)).to_be_visible()
@@ -117,7 +130,7 @@ def test_chat_streams_an_answer_and_refuses_an_over_long_message(page, screensho
     expect(page.get_by_test_id("user").first).to_contain_text("你好")
     answer = page.get_by_test_id("bot").first
     expect(answer).to_have_text(re.compile(r"\S"))  # some text streamed in (or the empty-answer note)
-    page.screenshot(path=str(screenshots / "chat.png"), full_page=True)
+    settled_screenshot(page, screenshots / "chat.png")
     box.fill("long " * 300)
     box.press("Enter")
     expect(page.locator("#chat-input")).to_contain_text("too long")  # the box's validation message
@@ -132,13 +145,14 @@ def test_infill_shows_a_message_without_a_mask_and_highlights_filled_spans(page,
     text.fill("这句话没有空白。")
     page.locator("#infill-button").click()
     expect(error_toast(page)).to_contain_text("has no blank")
+    dismiss_toasts(page)
     text.fill("新华社北京一月一日电，[MASK]发表了新年讲话。")
     page.locator("#infill-button").click()
     filled = page.locator("#infill-filled textarea")
     expect(filled).to_have_value(re.compile(r"^新华社北京一月一日电，.*发表了新年讲话。$"))
     assert "[MASK]" not in filled.input_value()
     expect(page.locator("#infill-output")).to_contain_text("[MASK]")  # the span's category label
-    page.screenshot(path=str(screenshots / "infill.png"), full_page=True)
+    settled_screenshot(page, screenshots / "infill.png")
 
 
 def test_sentiment_shows_both_class_probabilities(page, screenshots):
@@ -146,10 +160,11 @@ def test_sentiment_shows_both_class_probabilities(page, screenshots):
     page.locator("#sentiment-input textarea").fill("")
     page.locator("#sentiment-button").click()
     expect(error_toast(page)).to_contain_text("text is empty")
+    dismiss_toasts(page)
     page.locator("#sentiment-input textarea").fill("房间很干净，服务也很热情。")
     page.locator("#sentiment-button").click()
     output = page.locator("#sentiment-output")
     expect(output).to_contain_text("positive")
     expect(output).to_contain_text("negative")
     expect(output).to_contain_text(re.compile(r"\d+%"))
-    page.screenshot(path=str(screenshots / "sentiment.png"), full_page=True)
+    settled_screenshot(page, screenshots / "sentiment.png")
