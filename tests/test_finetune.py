@@ -27,17 +27,10 @@ from sklearn.metrics import f1_score
 from transformers import AutoTokenizer
 
 import bilingual_glm
-from bilingual_glm.finetune_data import (
-    ClozeCollator,
-    ClozeEncoder,
-    SftCollator,
-    cloze_scores,
-    load_labeled_data,
-    pack_chats,
-    read_sentiment_corpus,
-    sentiment_splits,
-    tokenize_chat,
-)
+from bilingual_glm.data.cloze import ClozeCollator, ClozeEncoder, cloze_scores
+from bilingual_glm.data.labeled import load_labeled_data
+from bilingual_glm.data.sentiment import read_sentiment_corpus, sentiment_splits
+from bilingual_glm.data.sft import SftCollator, pack_chats, tokenize_chat
 from bilingual_glm.metrics import METRIC_NAMES, load_metric
 from bilingual_glm.tokenizer import special_token_ids
 
