@@ -13,11 +13,11 @@ Why these settings:
 - the tokenizer is trained here from a fixed slice of the demo corpus (400 documents, vocab 512; BPE
   training is deterministic), so no tokenizer file has to be checked in.
 
-Tolerance: ``RTOL = 1e-5`` relative. Measured on the 2-core dev machine: two runs are bit-identical; one
-thread against two, and the oneDNN fp32 linear against MKL's, moved the numbers by at most 4.8e-7
-relative (step 7's loss, the zh held-out perplexity). Other CPUs pick other fp32 kernels, so the bound
-leaves ~20x that headroom, while a real change (a label or mask off by one, a different seed draw) moves
-the losses by 1e-3 or more.
+Tolerance: ``RTOL = 1e-4`` relative. Measured on the 2-core Intel Xeon (AVX-512) dev machine: two runs
+are bit-identical; one thread against two, and the oneDNN fp32 linear against MKL's, moved the numbers
+by at most 4.8e-7 relative (step 7's loss, the zh held-out perplexity). CI lands on other CPUs (AVX2-only
+AMD Zen 3 sums in other orders, unmeasured here), so the bound leaves ~200x that headroom, while a real
+change (a label or mask off by one, a different seed draw) moves the losses by 1e-3 or more.
 
 Regenerate after an *intended* change of the numbers (and say why in the commit message)::
 
@@ -38,7 +38,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "assets" / "train_losses_tiny.json"
 REGENERATE_ENV = "BILINGUAL_GLM_REGENERATE"
-RTOL = 1e-5
+RTOL = 1e-4
 TOKENIZER = {"documents": 400, "shuffle_seed": 0, "vocab_size": 512}
 TRAIN_ARGS = [
     "--preset",
