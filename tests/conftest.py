@@ -1,4 +1,8 @@
+import importlib.util
 import os
+import sys
+from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -7,6 +11,22 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import bilingual_glm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: Path, name: str | None = None) -> ModuleType:
+    """Import a script that is not a package module (train.py, finetune.py, app.py, examples) by path.
+
+    It is registered in ``sys.modules`` first: dataclasses look their module up while a class is built.
+    """
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 # Shapes varied across the parity tests: GQA ratios, tied/untied, head_dim != hidden/heads.
 RANDOM_CONFIGS = [

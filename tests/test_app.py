@@ -3,8 +3,6 @@ the refusals of bad input, and the Gradio page's three tabs (no browser; that is
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import gradio as gr
@@ -15,35 +13,27 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 import bilingual_glm
 from bilingual_glm.tokenizer import special_token_ids
 
+from .conftest import load_script
+from .test_finetune import make_pretrained_folder
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_app_module():
-    spec = importlib.util.spec_from_file_location("app", ROOT / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["app"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-app = _load_app_module()
+app = load_script(ROOT / "app.py")
 
 
 def make_model_folder(path: Path, tokenizer_dir: Path, head: bool = False) -> Path:
     """A tiny untrained causal LM (or classifier) + the shared small tokenizer, saved like the scripts do."""
+    if not head:
+        return make_pretrained_folder(path, tokenizer_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = bilingual_glm.BilingualGlmConfig.from_preset(
         "tiny", vocab_size=max(1024, len(tokenizer)), **special_token_ids(tokenizer)
     )
     torch.manual_seed(0)
-    if head:
-        config.num_labels, config.id2label = 2, {0: "negative", 1: "positive"}
-        config.label2id = {"negative": 0, "positive": 1}
-        model = AutoModelForSequenceClassification.from_config(config)
-    else:
-        model = bilingual_glm.BilingualGlmForCausalLM(config)
-        model.generation_config.eos_token_id = [tokenizer.eos_token_id]
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    config.num_labels, config.id2label = 2, {0: "negative", 1: "positive"}
+    config.label2id = {"negative": 0, "positive": 1}
+    model = AutoModelForSequenceClassification.from_config(config)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -182,9 +172,7 @@ def test_missing_model_folder_exits_with_the_recipe(tmp_path, capsys, monkeypatc
 
 
 def test_recipe_sample_script_answers_exactly_as_the_chat_tab(demo):
-    spec = importlib.util.spec_from_file_location("chat_samples", ROOT / "scripts" / "chat_samples.py")
-    chat_samples = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(chat_samples)
+    chat_samples = load_script(ROOT / "scripts" / "chat_samples.py")
     assert chat_samples.ROLE_TOKENS == app.ROLE_TOKENS
     streamed = list(app.chat_stream(demo, "What is AI?", [], max_new_tokens=10))[-1]
     answer = chat_samples.answer(demo.model, demo.tokenizer, "What is AI?", 10)

@@ -11,7 +11,6 @@ DeepSpeed JIT-builds a small C++ op on first use (~2 min once, cached in ~/.cach
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import signal
@@ -28,6 +27,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import bilingual_glm  # noqa: F401  (registers the Auto classes)
 from bilingual_glm.distributed import DistributedMismatchError
 
+from .conftest import load_script
 from .test_finetune import QUICK as FINETUNE_QUICK
 from .test_finetune import finetune, load_without_package, make_pretrained_folder
 from .test_reliability import wait_for
@@ -38,14 +38,6 @@ STEPS = 8
 PARITY = ["--objective", "clm", "--mixed_precision", "no", "--max_steps", str(STEPS), "--logging_steps", "1"]
 PARITY += ["--save_steps", "4"]
 LOSS_TOLERANCE = 1e-4  # measured on the 2-core CPU: <= 1e-6 (see docs/distributed.md)
-
-
-def _load_train_module():
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
 
 
 def env(**extra: str) -> dict:
@@ -130,7 +122,7 @@ def test_fsdp_request_without_fsdp_in_effect_stops_finetune_py(tmp_path, tokeniz
 # --------------------------------------------------------------------- sharded train.py (slow)
 @pytest.fixture(scope="module")
 def train_module():
-    return _load_train_module()
+    return load_script(ROOT / "train.py")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ pretrained folder and one tiny classification folder built once for the module.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import bilingual_glm
 from bilingual_glm.tokenizer import special_token_ids
 
+from .conftest import load_script
 from .test_finetune import make_pretrained_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,10 +26,7 @@ EXAMPLES = ROOT / "examples"
 
 
 def example(name: str):
-    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLES / f"{name}.py", f"example_{name}")
 
 
 @pytest.fixture(scope="module")

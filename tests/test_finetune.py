@@ -34,6 +34,7 @@ from bilingual_glm.data.sft import SftCollator, pack_chats, tokenize_chat
 from bilingual_glm.metrics import METRIC_NAMES, load_metric
 from bilingual_glm.tokenizer import special_token_ids
 
+from .conftest import load_script
 from .test_reliability import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,15 +53,7 @@ CHATS = [
 ]
 
 
-def _load_finetune_module():
-    spec = importlib.util.spec_from_file_location("finetune", ROOT / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["finetune"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-finetune = _load_finetune_module()
+finetune = load_script(ROOT / "finetune.py")
 
 
 def make_pretrained_folder(path: Path, tokenizer_dir: Path) -> Path:

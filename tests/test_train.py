@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import bilingual_glm  # noqa: F401  (registers the Auto classes)
 from bilingual_glm.infill import infill
 
+from .conftest import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--preset", "tiny", "--block_size", "64", "--per_device_train_batch_size", "8"]
 QUICK += [
@@ -262,12 +264,7 @@ def test_time_budget_ends_the_run_and_a_resume_spends_the_rest(tmp_path, tokeniz
 
 
 def test_mixed_precision_auto_follows_the_one_bf16_rule(monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "train_script", train)  # dataclasses look their module up
-    spec.loader.exec_module(train)
+    train = load_script(ROOT / "train.py")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     for forced, expected in (("0", "no"), ("1", "bf16")):
         monkeypatch.setenv("BILINGUAL_GLM_BF16", forced)
