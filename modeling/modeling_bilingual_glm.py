@@ -335,6 +335,23 @@ def build_attention_mask(
     return visible.expand(batch, q_len, kv_len)[:, None]  # [B, 1, Tq, Tk]
 
 
+def span_position_ids(
+    mask_position: torch.Tensor | int, first_block: torch.Tensor | int, length: int
+) -> torch.Tensor:
+    """2D positions of ``length`` Part-B tokens of one blank: GLM's span layout, in one place.
+
+    Every token of a span keeps the position of its ``[MASK]`` (row 0) and counts its block position up
+    from ``first_block`` (row 1): ``<sop>`` at block 1, the span's tokens at 2, 3, ... Training collators,
+    cloze scoring, infilling and generation all call this, so the layout cannot drift between them.
+    Scalars or ``[B]`` tensors in; ``[B, 2, length]`` out.
+    """
+    mask_position = torch.as_tensor(mask_position).view(-1, 1)  # [B, 1]
+    first_block = torch.as_tensor(first_block, device=mask_position.device).view(-1, 1)  # [B or 1, 1]
+    steps = torch.arange(length, device=mask_position.device)  # [N]
+    rows = torch.broadcast_tensors(mask_position.expand(-1, length), first_block + steps)  # 2 × [B, N]
+    return torch.stack(rows, dim=1)  # [B, 2, N]
+
+
 def _kv_length(cache: Cache | None, past_len: int, q_len: int) -> int:
     """Key length the mask must cover (a static cache attends over its whole preallocated length)."""
     if cache is None or not hasattr(cache, "get_mask_sizes"):
@@ -718,12 +735,8 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
         if position_ids is not None and position_ids.dim() == 3:
             num_new = kwargs.get("num_new_tokens", args[1] if len(args) > 1 else 1)
-            steps = torch.arange(1, num_new + 1, device=position_ids.device)  # [N]
-            next_position = position_ids[:, 0, -1:].expand(-1, num_new)  # [B, N]
-            next_block = position_ids[:, 1, -1:] + steps  # [B, N]
-            model_kwargs["position_ids"] = torch.cat(
-                (position_ids, torch.stack((next_position, next_block), dim=1)), dim=-1
-            )  # [B, 2, T + N]
+            new = span_position_ids(position_ids[:, 0, -1], position_ids[:, 1, -1] + 1, num_new)  # [B, 2, N]
+            model_kwargs["position_ids"] = torch.cat((position_ids, new), dim=-1)  # [B, 2, T + N]
         return model_kwargs
 
 
