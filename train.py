@@ -58,6 +58,12 @@ class TrainArguments:
     """Everything a run depends on; logged to ``run_config.json`` with the resolved values."""
 
     preset: str = field(default="small", metadata={"help": "Model size: tiny, small or base."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Change preset fields, as run_clm.py does: 'num_hidden_layers=4,tie_word_embeddings=true'."
+        },
+    )
     objective: str = field(
         default="clm:0.5,glm:0.5",
         metadata={"help": "clm, glm, mlm, or a mixture drawn per batch, e.g. 'clm:0.5,glm:0.5'."},
@@ -219,6 +225,17 @@ def parse_objectives(spec: str) -> dict[str, float]:
     if not sum(weights.values()) > 0:
         raise ValueError(f"--objective: weights must sum to > 0, got {spec!r}")
     return weights
+
+
+def apply_config_overrides(config: BilingualGlmConfig, overrides: str) -> BilingualGlmConfig:
+    """``key=value,...`` onto the preset (transformers' ``update_from_string`` types each value by the field's
+    current one), then the config's own validation, so a bad size fails here with the field's name."""
+    try:
+        config.update_from_string(overrides)
+    except ValueError as error:
+        raise ValueError(f"--config_overrides {overrides!r}: {error}") from None
+    config.validate_bilingual_glm()
+    return config
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -403,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     config = BilingualGlmConfig.from_preset(
         args.preset, vocab_size=vocab_size, **special_token_ids(tokenizer)
     )
+    if args.config_overrides:
+        config = apply_config_overrides(config, args.config_overrides)
     model = BilingualGlmForCausalLM(config)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed_tokens" in n]
