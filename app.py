@@ -47,15 +47,15 @@ from transformers import (
 )
 
 import bilingual_glm  # noqa: F401  (registers model_type "bilingual_glm" with the Auto classes)
-from bilingual_glm.finetune_data import (
+from bilingual_glm.data.cloze import (
     DEFAULT_CLOZE_TEMPLATES,
     DEFAULT_VERBALIZERS,
-    SENTIMENT_LABELS,
     ClozeCollator,
     ClozeEncoder,
     cloze_scores,
     detect_language,
 )
+from bilingual_glm.data.sentiment import SENTIMENT_LABELS
 from bilingual_glm.infill import infill
 
 MODEL_ENV = "BILINGUAL_GLM_MODEL"

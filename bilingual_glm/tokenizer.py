@@ -38,23 +38,15 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from .configuration.configuration_bilingual_glm import GLM_SPECIAL_TOKENS
+from .configuration.configuration_bilingual_glm import GLM_SPECIAL_TOKENS, SPECIAL_TOKEN_FIELDS
 
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<pad>"
-MASK_TOKEN = "[MASK]"
+EOS_TOKEN = SPECIAL_TOKEN_FIELDS["eos_token_id"]
+PAD_TOKEN = SPECIAL_TOKEN_FIELDS["pad_token_id"]
+MASK_TOKEN = SPECIAL_TOKEN_FIELDS["mask_token_id"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant", "observation")
 
-# Config field → special token, for writing the tokenizer's ids into a model config.
-CONFIG_TOKEN_FIELDS: dict[str, str] = {
-    "eos_token_id": EOS_TOKEN,
-    "pad_token_id": PAD_TOKEN,
-    "mask_token_id": MASK_TOKEN,
-    "smask_token_id": "[sMASK]",
-    "gmask_token_id": "[gMASK]",
-    "sop_token_id": "<sop>",
-    "eop_token_id": "<eop>",
-}
+# Config field → special token (the configuration's table), for writing the tokenizer's ids into a config.
+CONFIG_TOKEN_FIELDS = SPECIAL_TOKEN_FIELDS
 
 # Alternatives are tried in order at each position (all pieces keep their text: behavior="isolated").
 PRE_TOKENIZER_PATTERN = "|".join(

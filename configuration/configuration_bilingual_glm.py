@@ -29,16 +29,27 @@ GLM_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|observation|>",
     "<pad>",
 )
-_ID = {token: index for index, token in enumerate(GLM_SPECIAL_TOKENS)}
+# Config field → special token: the one table the tokenizer, the converters and the collators read.
+SPECIAL_TOKEN_FIELDS: dict[str, str] = {
+    "eos_token_id": "<|endoftext|>",
+    "pad_token_id": "<pad>",
+    "mask_token_id": "[MASK]",
+    "smask_token_id": "[sMASK]",
+    "gmask_token_id": "[gMASK]",
+    "sop_token_id": "<sop>",
+    "eop_token_id": "<eop>",
+}
+# The fields GLM adds to transformers' standard ones (native ``glm`` configs have none of these).
+GLM_TOKEN_FIELDS: tuple[str, ...] = (
+    "mask_token_id",
+    "smask_token_id",
+    "gmask_token_id",
+    "sop_token_id",
+    "eop_token_id",
+)
 _OWN_TOKEN_IDS: dict[str, Any] = {
-    "eos_token_id": _ID["<|endoftext|>"],
-    "pad_token_id": _ID["<pad>"],
+    **{field: GLM_SPECIAL_TOKENS.index(token) for field, token in SPECIAL_TOKEN_FIELDS.items()},
     "bos_token_id": None,
-    "mask_token_id": _ID["[MASK]"],
-    "smask_token_id": _ID["[sMASK]"],
-    "gmask_token_id": _ID["[gMASK]"],
-    "sop_token_id": _ID["<sop>"],
-    "eop_token_id": _ID["<eop>"],
 }
 
 # Named sizes. `tiny` is for CI (< 1M parameters), `small` the CPU demo (~16M), `base` GLM-Base scale
@@ -111,16 +122,7 @@ _POSITIVE_INT_FIELDS = (
     "head_dim",
     "max_position_embeddings",
 )
-_TOKEN_ID_FIELDS = (
-    "pad_token_id",
-    "bos_token_id",
-    "eos_token_id",
-    "mask_token_id",
-    "smask_token_id",
-    "gmask_token_id",
-    "sop_token_id",
-    "eop_token_id",
-)
+_TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", *GLM_TOKEN_FIELDS)
 
 
 class BilingualGlmConfig(PretrainedConfig):
@@ -284,4 +286,4 @@ def _safe_div(numerator: Any, denominator: Any) -> Any:
     return denominator
 
 
-__all__ = ["BilingualGlmConfig", "GLM_SPECIAL_TOKENS", "PRESETS"]
+__all__ = ["BilingualGlmConfig", "GLM_SPECIAL_TOKENS", "GLM_TOKEN_FIELDS", "PRESETS", "SPECIAL_TOKEN_FIELDS"]

@@ -1,8 +1,8 @@
 """Property tests of the data collators: GLM blank infilling, MLM, causal packing.
 
 Blank-infilling batches are decoded using only what the collator returns (positions, block positions,
-prefix lengths, labels) and must rebuild the source exactly; labels are checked against the model's
-own shift.
+prefix lengths, shift_labels) and must rebuild the source exactly; every collator emits one label form,
+``shift_labels`` (the target of each position), checked against the model's loss.
 """
 
 from __future__ import annotations
@@ -38,11 +38,6 @@ def make_collator(seed: int | None = 0, **overrides) -> BlankInfillingCollator:
     return BlankInfillingCollator(seed=seed, sentence_end_ids=END_IDS, **{"mixture": (1, 1, 1), **overrides})
 
 
-def model_shift(labels: torch.Tensor) -> torch.Tensor:
-    """What our model (and HF's ForCausalLMLoss) does with unshifted labels."""
-    return F.pad(labels[:, 1:], (0, 1), value=-100)
-
-
 def decode_row(
     batch: dict[str, torch.Tensor], b: int
 ) -> tuple[list[int], list[tuple[int, list[int], list[int]]]]:
@@ -65,23 +60,24 @@ def check_batch_layout(batch: dict[str, torch.Tensor], sources: list[list[int]])
     """Shapes, right padding, label forms: everything that does not depend on the objective."""
     rows = len(sources)
     width = batch["input_ids"].shape[1]
-    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["labels"].shape == (rows, width)
-    assert batch["shift_labels"].shape == (rows, width)
+    assert (
+        batch["input_ids"].shape
+        == batch["attention_mask"].shape
+        == batch["shift_labels"].shape
+        == (rows, width)
+    )
+    assert "labels" not in batch  # one label form: shift_labels
     assert batch["position_ids"].shape == (rows, 2, width)
     assert batch["prefix_lengths"].shape == (rows,)
     assert all(t.dtype == torch.long for t in batch.values())
     lengths = batch["attention_mask"].sum(1)
-    assert width == int(lengths.max()) + 1  # one spare column for the last target in `labels`
-    # the two label forms agree, and agree with the model's shift
-    assert torch.equal(model_shift(batch["labels"]), batch["shift_labels"])
-    assert (batch["labels"][:, 0] == -100).all() and (batch["shift_labels"][:, -1] == -100).all()
+    assert width == max(1, int(lengths.max()))  # as wide as the longest row, no spare column
     for b in range(rows):
         n = int(lengths[b])
         assert batch["attention_mask"][b, :n].eq(1).all() and batch["attention_mask"][b, n:].eq(0).all()
         assert batch["input_ids"][b, n:].eq(PAD).all()
         assert batch["position_ids"][b, :, n:].eq(0).all()
         assert batch["shift_labels"][b, n:].eq(-100).all()  # no loss from padding positions
-        assert batch["labels"][b, n + 1 :].eq(-100).all()  # column n holds position n-1's target
 
 
 def check_infilling_row(
@@ -172,7 +168,7 @@ def test_extreme_settings_never_break_the_layout(sources, seed, objective, mask_
     collator = make_collator(seed, mask_ratio=mask_ratio, max_span=max_span, pad_to_multiple_of=8)
     batch = collator.collate([{"input_ids": s} for s in sources], objective=objective)
     assert batch["input_ids"].shape[1] % 8 == 0
-    assert torch.equal(model_shift(batch["labels"]), batch["shift_labels"])
+    assert "labels" not in batch and batch["shift_labels"].shape == batch["input_ids"].shape
     for b, source in enumerate(sources):
         lengths = [end - start for start, end in check_infilling_row(batch, b, source, objective)]
         if objective == "token":
@@ -189,8 +185,8 @@ def test_docstring_worked_example():
     a, b, c, d, e, f = range(20, 26)
     row = build_infilling_row(np.array([a, b, c, d, e, f]), [(1, 3), (4, 5)], 1, SOP, EOP, FixedOrder())
     assert row.input_ids.tolist() == [a, 1, d, 1, f, SOP, e, SOP, b, c]
-    assert row.position.tolist() == [0, 1, 2, 3, 4, 3, 3, 1, 1, 1]
-    assert row.block_position.tolist() == [0, 0, 0, 0, 0, 1, 2, 1, 2, 3]
+    assert row.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 3, 1, 1, 1]
+    assert row.position_ids[1].tolist() == [0, 0, 0, 0, 0, 1, 2, 1, 2, 3]
     assert row.shift_labels.tolist() == [-100] * 5 + [e, EOP, b, c, EOP]
     assert row.prefix_length == 5
 
@@ -352,9 +348,9 @@ mlm_sequences = st.lists(
 @given(sources=st.lists(mlm_sequences, min_size=1, max_size=4), seed=seeds)
 def test_mlm_invariants(sources, seed):
     batch = MlmCollator(vocab_size=1000, seed=seed)([{"input_ids": s} for s in sources])
-    width = max(len(s) for s in sources) + 1
+    width = max(1, max(len(s) for s in sources))
     assert batch["input_ids"].shape == batch["shift_labels"].shape == (len(sources), width)
-    assert torch.equal(model_shift(batch["labels"]), batch["shift_labels"])
+    assert "labels" not in batch  # one label form: shift_labels
     assert batch["position_ids"].tolist() == [list(range(width))] * len(sources)
     assert batch["prefix_lengths"].tolist() == [len(s) for s in sources]
     for b, source in enumerate(sources):
@@ -374,7 +370,7 @@ def test_mlm_invariants(sources, seed):
 def test_mlm_proportions():
     source = list(range(11, 1000)) * 20
     batch = MlmCollator(vocab_size=1000, seed=0)([{"input_ids": source}])
-    inputs, targets = batch["input_ids"][0, :-1], batch["shift_labels"][0, :-1]
+    inputs, targets = batch["input_ids"][0], batch["shift_labels"][0]
     selected = targets != -100
     assert abs(selected.float().mean().item() - 0.15) < 1e-3
     masked = (inputs[selected] == ID["[MASK]"]).float().mean().item()
@@ -409,7 +405,7 @@ def test_pack_causal(docs, block_size):
     assert all(len(block) == block_size for key in packed for block in packed[key])
     flat = [t for block in packed["input_ids"] for t in block]
     assert flat == stream[: len(flat)]
-    assert packed["labels"] == packed["input_ids"]
+    assert set(packed) == {"input_ids", "position_ids"}  # no labels column: the collator derives targets
     assert [p for block in packed["position_ids"] for p in block] == expected_positions(docs, block_size)
 
 
@@ -424,21 +420,38 @@ def test_pack_causal_with_datasets_and_collator():
     assert packed["input_ids"] == [[20, 21, 22, 0], [23, 24, 0, 25], [26, 27, 28, 0]]
     assert packed["position_ids"] == [[0, 1, 2, 3], [0, 1, 2, 0], [0, 1, 2, 3]]
     batch = CausalCollator()(list(packed))
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (3, 4)
-    assert torch.equal(batch["labels"], batch["input_ids"])
+    assert batch["input_ids"].shape == batch["shift_labels"].shape == batch["position_ids"].shape == (3, 4)
+    assert "labels" not in batch
+    assert torch.equal(batch["shift_labels"][:, :-1], batch["input_ids"][:, 1:])  # target = the next token
+    assert batch["shift_labels"][:, -1].eq(-100).all()  # a block's last token has no target in the block
     with pytest.raises(ValueError, match="one length"):
         CausalCollator()([{"input_ids": [1, 2]}, {"input_ids": [1]}])
 
 
 # ------------------------------------------------------------------------------------ with the model
-def test_labels_and_shift_labels_give_the_same_model_loss():
+def test_shift_labels_give_the_model_the_cross_entropy_of_each_positions_target():
+    """The one label form end to end: the model's loss is the mean cross-entropy of every position's
+    logits against its ``shift_labels`` entry (nothing shifted on the way), for every collator, and it
+    equals the loss of the HF form (``labels``, which the model shifts) wherever that form can hold the
+    targets (causal blocks, whose targets are the next tokens)."""
     from bilingual_glm.modeling.modeling_bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM
 
     torch.manual_seed(0)
     model = BilingualGlmForCausalLM(BilingualGlmConfig.from_preset("tiny")).eval()
     examples = [{"input_ids": list(range(20, 80))}, {"input_ids": [20, 21, 11, 23, 24, 12, 25]}]
-    for batch in (make_collator(0)(examples), MlmCollator(vocab_size=1024, seed=0)(examples)):
+    blocks = pack_causal({"input_ids": [e["input_ids"] for e in examples]}, block_size=16, eos_token_id=0)
+    causal = CausalCollator()(
+        [dict(zip(blocks, row, strict=True)) for row in zip(*blocks.values(), strict=True)]
+    )
+    for batch in (make_collator(0)(examples), MlmCollator(vocab_size=1024, seed=0)(examples), causal):
+        inputs = {k: v for k, v in batch.items() if k != "shift_labels"}
         with torch.no_grad():
-            from_labels = model(**{k: v for k, v in batch.items() if k != "shift_labels"}).loss
-            from_shift = model(**{k: v for k, v in batch.items() if k != "labels"}).loss
-        assert torch.isfinite(from_labels) and torch.allclose(from_labels, from_shift)
+            loss = model(**batch).loss
+            logits = model(**inputs).logits
+        expected = F.cross_entropy(logits.flatten(0, 1), batch["shift_labels"].flatten(), ignore_index=-100)
+        assert torch.isfinite(loss) and torch.allclose(loss, expected, atol=1e-5)
+    with torch.no_grad():
+        from_labels = model(
+            **{k: v for k, v in causal.items() if k != "shift_labels"}, labels=causal["input_ids"]
+        )
+    assert torch.allclose(from_labels.loss, expected, atol=1e-6)

@@ -17,7 +17,7 @@ from bilingual_glm.data.dialogues import (
     read_dialogues,
     write_dialogue_jsonl,
 )
-from bilingual_glm.finetune_data import load_chat_data, tokenize_chat
+from bilingual_glm.data.sft import load_chat_data, tokenize_chat
 
 
 def write_corpus(root: Path, folder: str, files: dict[str, str]) -> Path:

@@ -318,6 +318,18 @@ def test_classification_and_cloze_report_accuracy_and_load_without_the_package(t
     )
     assert "logits torch.Size([2, 2])" in stdout and "chat [gMASK]<sop><|user|>\n你好<|assistant|>" in stdout
     assert "cloze BilingualGlmForCausalLM" in stdout
+    # the cloze card's usage snippet runs as written (the <sop> layout from the shipped span_position_ids)
+    card = (outputs["cloze"] / "README.md").read_text()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    stdout = load_without_package(tmp_path, snippet.replace("path/or/hub-id", str(outputs["cloze"])))
+    scores = eval(stdout.strip().splitlines()[-1])  # the snippet prints one log-prob per answer
+    assert len(scores) == 2 and all(math.isfinite(score) and score < 0 for score in scores)
+
+
+def test_the_classifier_loss_is_scaled_for_gradient_accumulation_by_trainer():
+    """The head's loss is a per-batch mean that ignores num_items_in_batch; the model class says so (the one
+    place: finetune.py no longer sets model_accepts_loss_kwargs for classification), so Trainer divides it."""
+    assert bilingual_glm.BilingualGlmForSequenceClassification.accepts_loss_kwargs is False
 
 
 def test_sft_reports_loss_and_token_perplexity(tmp_path, pretrained_dir, chat_files):

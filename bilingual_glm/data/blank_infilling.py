@@ -25,19 +25,16 @@ each as input ``<sop> t1..tk`` with targets ``t1..tk <eop>``. A source ``a b c d
     position_ids[0]   0  1  2  3  4 | 3  3 | 1  1  1 | 0     <- Part B: the position of its mask token
     position_ids[1]   0  0  0  0  0 | 1  2 | 1  2  3 | 0     <- block position: 1..k+1 inside a span
     shift_labels      -  -  -  -  - | e  E | b  c  E | -     <- target OF this position
-    labels            -  -  -  -  - | -  e | E  b  c | E     <- target of the position BEFORE (HF style)
     attention_mask    1  1  1  1  1 | 1  1 | 1  1  1 | 0
     prefix_lengths = 5 (Part A: bidirectional; Part B: causal)
 
-**Label alignment.** ``shift_labels[b, j]`` is the target of position ``j`` (GLM's own ``targets``).
-``labels`` holds the same targets in the unshifted HF form, ``labels[:, 1:] == shift_labels[:, :-1]`` and
-``labels[:, 0] == -100``, so a model that shifts ``labels`` itself (``pad(labels[:, 1:], (0, 1))``)
-computes exactly ``shift_labels``. That needs a column after the last token of every row (the last
-span's ``<eop>`` target sits there in ``labels``), so every batch is padded to ``longest row + 1``: the
-last column is always padding and ``shift_labels[:, -1] == -100``. Consequence: in ``labels`` the first
-padding column of a row holds the ``<eop>`` target of that row's last position; every other padding
-column is -100, and ``shift_labels`` is -100 on all padding. Our model uses ``shift_labels`` when given,
-and ``Trainer`` counts ``num_items_in_batch`` from it; the two forms are interchangeable.
+(the last column is the padding of a row one shorter than the batch's longest.) Part B's 2D positions
+come from the model's ``span_position_ids``, the one definition of the span layout.
+
+**Labels: one form.** ``shift_labels[b, j]`` is the target of position ``j`` (GLM's own ``targets``),
+-100 in Part A and on padding. The model takes it as is (``forward(shift_labels=...)``); nothing is
+shifted on the way. A Part B target is not "the next input token" (the last token of a span predicts
+``<eop>``, which is never an input), so this is the form the objective is written in.
 
 **Short sequences.** Token spans that cannot be placed (too many spans for the unmasked tokens left)
 are redrawn up to 10 times; then the goal is covered by ``max_span``-long spans (the last shorter),
@@ -46,7 +43,8 @@ dropping spans from the end only if even those cannot be placed (possible only f
 (the whole row when ``n == 1``). Empty rows give an empty Part A and Part B (no loss).
 
 **Lengths.** ``max_length`` truncates each source before corruption; a row of ``n`` source tokens and
-``s`` spans takes ``n + 2s`` columns, and the batch is ``longest row + 1`` wide.
+``s`` spans takes ``n + 2s`` columns, and the batch is as wide as its longest row (``pad_to_multiple_of``
+rounds that up).
 
 **Randomness.** One ``numpy`` generator per collator from ``seed`` (``reseed`` restarts it). Inside a
 ``DataLoader`` worker the generator is re-derived from ``seed`` and the worker's torch seed, so workers
@@ -64,7 +62,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from bilingual_glm.configuration.configuration_bilingual_glm import GLM_SPECIAL_TOKENS
+from bilingual_glm.configuration.configuration_bilingual_glm import (
+    GLM_SPECIAL_TOKENS,
+    GLM_TOKEN_FIELDS,
+    SPECIAL_TOKEN_FIELDS,
+)
+from bilingual_glm.modeling.modeling_bilingual_glm import span_position_ids
 
 Objective = Literal["token", "sentence", "document"]
 OBJECTIVES: tuple[Objective, ...] = ("token", "sentence", "document")
@@ -79,8 +82,10 @@ Span = tuple[int, int]  # [start, end) in the source
 
 
 # ------------------------------------------------------------------------------------ shared helpers
-def resolve_token_id(tokenizer: Any, field_name: str, token: str, explicit: int | None) -> int:
-    """An explicit id wins, then the tokenizer's id for ``token``, then our own vocabulary's."""
+def resolve_token_id(tokenizer: Any, field_name: str, explicit: int | None) -> int:
+    """The id of config field ``field_name``'s token (``SPECIAL_TOKEN_FIELDS``): an explicit id wins, then
+    the tokenizer's id for that token, then our own vocabulary's (``GLM_SPECIAL_TOKENS``)."""
+    token = SPECIAL_TOKEN_FIELDS[field_name]
     if explicit is not None:
         return int(explicit)
     if tokenizer is None:
@@ -94,11 +99,11 @@ def resolve_token_id(tokenizer: Any, field_name: str, token: str, explicit: int 
 
 
 def resolve_pad_token_id(tokenizer: Any, explicit: int | None) -> int:
-    """``pad_token_id`` from the argument, else the tokenizer, else our own ``<pad>``."""
+    """``pad_token_id`` from the argument, else the tokenizer's pad token, else our own ``<pad>``."""
     if explicit is not None:
         return int(explicit)
     if tokenizer is None:
-        return GLM_SPECIAL_TOKENS.index("<pad>")
+        return GLM_SPECIAL_TOKENS.index(SPECIAL_TOKEN_FIELDS["pad_token_id"])
     if tokenizer.pad_token_id is None:
         raise ValueError("pad_token_id: the tokenizer has no pad token; pass pad_token_id explicitly")
     return int(tokenizer.pad_token_id)
@@ -134,11 +139,9 @@ def example_tokens(example: Any, max_length: int | None) -> np.ndarray:
 
 
 def batch_width(lengths: Sequence[int], pad_to_multiple_of: int | None) -> int:
-    """Longest row + 1 (the column that holds the last target in ``labels``), rounded up if asked."""
-    width = max(lengths, default=0) + 1
-    if pad_to_multiple_of:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
-    return width
+    """The longest row (at least 1 column), rounded up to a multiple of ``pad_to_multiple_of`` when given."""
+    width = max(1, max(lengths, default=0))
+    return -(-width // pad_to_multiple_of) * pad_to_multiple_of if pad_to_multiple_of else width
 
 
 def pad_rows(rows: Sequence[np.ndarray], width: int, fill: int) -> torch.Tensor:
@@ -147,15 +150,6 @@ def pad_rows(rows: Sequence[np.ndarray], width: int, fill: int) -> torch.Tensor:
     for b, row in enumerate(rows):
         out[b, : len(row)] = row
     return torch.from_numpy(out)
-
-
-def labels_from_shift_labels(shift_labels: torch.Tensor) -> torch.Tensor:
-    """Unshifted HF labels: ``labels[:, j + 1] = shift_labels[:, j]``, ``labels[:, 0] = -100``."""
-    if (shift_labels[:, -1] != IGNORE_INDEX).any():
-        raise ValueError("shift_labels: the last column must be -100 for labels to hold every target")
-    labels = torch.full_like(shift_labels, IGNORE_INDEX)
-    labels[:, 1:] = shift_labels[:, :-1]
-    return labels
 
 
 class SeededCollator:
@@ -269,10 +263,10 @@ def sample_document_span(
 class InfillingRow:
     """One corrupted row before padding (all arrays the same length)."""
 
-    input_ids: np.ndarray
-    position: np.ndarray  # row 0 of position_ids
-    block_position: np.ndarray  # row 1 of position_ids
-    shift_labels: np.ndarray  # target of each position, -100 in Part A
+    input_ids: np.ndarray  # [L]
+    shift_labels: np.ndarray  # [L]: target of each position, -100 in Part A
+    _: KW_ONLY
+    position_ids: np.ndarray  # [2, L]: position, block position
     prefix_length: int  # len(Part A)
 
 
@@ -284,7 +278,11 @@ def build_infilling_row(
     eop_id: int,
     rng: np.random.Generator,
 ) -> InfillingRow:
-    """Part A (each span → ``mask_id``) then the spans in shuffled order as ``<sop> t1..tk``."""
+    """Part A (each span → ``mask_id``) then the spans in shuffled order as ``<sop> t1..tk``.
+
+    Part B's 2D positions come from ``span_position_ids`` (the model's one definition of the span layout),
+    all spans of the row in one call.
+    """
     pieces, mask_positions, cursor, length = [], [], 0, 0
     for start, end in spans:
         kept = tokens[cursor:start]
@@ -294,17 +292,28 @@ def build_infilling_row(
     pieces.append(tokens[cursor:])
     a_ids = np.concatenate(pieces).astype(np.int64)
     n_a = len(a_ids)
-    ids, position, block, targets = [a_ids], [np.arange(n_a)], [np.zeros(n_a)], [np.full(n_a, IGNORE_INDEX)]
-    for i in rng.permutation(len(spans)):
-        span = tokens[spans[i][0] : spans[i][1]]
-        ids.append(np.concatenate([[sop_id], span]))
-        position.append(np.full(len(span) + 1, mask_positions[i]))
-        block.append(np.arange(1, len(span) + 2))
-        targets.append(np.concatenate([span, [eop_id]]))
+    order = rng.permutation(len(spans))
+    b_spans = [tokens[spans[i][0] : spans[i][1]] for i in order]
+    ids = [a_ids, *(np.concatenate([[sop_id], span]) for span in b_spans)]
+    targets = [np.full(n_a, IGNORE_INDEX), *(np.concatenate([span, [eop_id]]) for span in b_spans)]
+    part_a_positions = np.stack([np.arange(n_a), np.zeros(n_a)])  # [2, n_a]: block position 0
     return InfillingRow(
-        *(np.concatenate(parts).astype(np.int64) for parts in (ids, position, block, targets)),
+        *(np.concatenate(parts).astype(np.int64) for parts in (ids, targets)),
+        position_ids=np.concatenate(
+            [part_a_positions, part_b_positions([mask_positions[i] for i in order], b_spans)], axis=1
+        ),
         prefix_length=n_a,
     )
+
+
+def part_b_positions(mask_positions: Sequence[int], spans: Sequence[np.ndarray]) -> np.ndarray:
+    """``[2, Σ(k+1)]``: each span's ``<sop> t1..tk`` at its mask's position, block positions 1..k+1."""
+    if not spans:
+        return np.zeros((2, 0), dtype=np.int64)
+    widths = np.array([len(span) + 1 for span in spans])  # <sop> + the span
+    padded = span_position_ids(torch.as_tensor(mask_positions), 1, int(widths.max())).numpy()  # [S, 2, W]
+    inside = np.arange(padded.shape[-1]) < widths[:, None]  # [S, W]
+    return padded.transpose(1, 0, 2)[:, inside]  # [2, Σ widths], span after span
 
 
 # ------------------------------------------------------------------------------------ the collator
@@ -313,7 +322,7 @@ class BlankInfillingCollator(SeededCollator):
     """Collate ``[{"input_ids": [...]}, ...]`` into a GLM blank-infilling batch (see the module doc).
 
     Returns long tensors ``input_ids [B, L]``, ``attention_mask [B, L]`` (right padding),
-    ``position_ids [B, 2, L]``, ``prefix_lengths [B]``, ``labels [B, L]`` and ``shift_labels [B, L]``.
+    ``position_ids [B, 2, L]``, ``prefix_lengths [B]`` and ``shift_labels [B, L]`` (target of each position).
 
     Token ids come from ``tokenizer`` (``[MASK]`` … ``<eop>``, its pad token) unless given explicitly;
     with neither, our own vocabulary's ids (``GLM_SPECIAL_TOKENS``). ``sentence_end_ids`` default to
@@ -336,17 +345,14 @@ class BlankInfillingCollator(SeededCollator):
     document_min_ratio: float = 0.5  # document span length uniform in [ratio · n, n - 2]
     gpt_suffix_prob: float = 0.5  # probability that the document span is the suffix
     max_length: int | None = None  # truncate each source sequence to this many tokens first
-    pad_to_multiple_of: int | None = None  # round the batch width up (the width is longest row + 1)
+    pad_to_multiple_of: int | None = None  # round the batch width (the longest row) up
     seed: int | None = None
     sentence_end_ids: Collection[int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         tok = self.tokenizer
-        self.mask_token_id = resolve_token_id(tok, "mask_token_id", "[MASK]", self.mask_token_id)
-        self.smask_token_id = resolve_token_id(tok, "smask_token_id", "[sMASK]", self.smask_token_id)
-        self.gmask_token_id = resolve_token_id(tok, "gmask_token_id", "[gMASK]", self.gmask_token_id)
-        self.sop_token_id = resolve_token_id(tok, "sop_token_id", "<sop>", self.sop_token_id)
-        self.eop_token_id = resolve_token_id(tok, "eop_token_id", "<eop>", self.eop_token_id)
+        for name in GLM_TOKEN_FIELDS:  # [MASK] [sMASK] [gMASK] <sop> <eop>
+            setattr(self, name, resolve_token_id(tok, name, getattr(self, name)))
         self.pad_token_id = resolve_pad_token_id(tok, self.pad_token_id)
         self._validate()
         if self.sentence_end_ids is None and tok is not None and self.mixture[1] > 0:
@@ -426,13 +432,12 @@ class BlankInfillingCollator(SeededCollator):
     def _pad(self, rows: Sequence[InfillingRow]) -> dict[str, torch.Tensor]:
         width = batch_width([len(row.input_ids) for row in rows], self.pad_to_multiple_of)
         shift_labels = pad_rows([row.shift_labels for row in rows], width, IGNORE_INDEX)
-        position = pad_rows([row.position for row in rows], width, 0)
-        block = pad_rows([row.block_position for row in rows], width, 0)
+        position = pad_rows([row.position_ids[0] for row in rows], width, 0)
+        block = pad_rows([row.position_ids[1] for row in rows], width, 0)
         return {
             "input_ids": pad_rows([row.input_ids for row in rows], width, self.pad_token_id),
             "attention_mask": pad_rows([np.ones(len(row.input_ids)) for row in rows], width, 0),
             "position_ids": torch.stack([position, block], dim=1),  # [B, 2, L]
             "prefix_lengths": torch.tensor([row.prefix_length for row in rows], dtype=torch.long).view(-1),
-            "labels": labels_from_shift_labels(shift_labels),
             "shift_labels": shift_labels,
         }

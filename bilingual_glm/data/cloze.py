@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from bilingual_glm.data.files import round_up
+from bilingual_glm.modeling.modeling_bilingual_glm import span_position_ids
 
 _CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LETTER = re.compile(r"[^\W\d_]")
@@ -118,9 +119,10 @@ class ClozeEncoder:
             else:
                 part_a += piece
         length = len(part_a)
+        sop = span_position_ids(mask_position, 1, 1)[0].tolist()  # [2, 1]: at the mask's position, block 1
         return {
             "input_ids": part_a + [self.sop_token_id],
-            "position_ids": [list(range(length)) + [mask_position], [0] * length + [1]],  # [2, L + 1]
+            "position_ids": [list(range(length)) + sop[0], [0] * length + sop[1]],  # [2, L + 1]
             "prefix_lengths": length,
         }
 
@@ -153,29 +155,18 @@ class ClozeCollator:
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         single = all(len(ids) == 1 for ids in self.candidates)
-        rows = []
-        for example in examples:
-            ids, (positions, blocks) = list(example["input_ids"]), example["position_ids"]
-            answers = [[]] if single else [answer[:-1] for answer in self.candidates]
-            for extra in answers:
-                rows.append(
-                    (
-                        ids + extra,
-                        list(positions) + [positions[-1]] * len(extra),
-                        list(blocks) + list(range(2, len(extra) + 2)),
-                        int(example["prefix_lengths"]),
-                    )
-                )
-        width = round_up(max(len(row[0]) for row in rows), self.pad_to_multiple_of)
+        answers = [[]] if single else [answer[:-1] for answer in self.candidates]
+        rows = [self._row(example, extra) for example in examples for extra in answers]
+        width = round_up(max(len(ids) for ids, _, _ in rows), self.pad_to_multiple_of)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         position_ids = torch.zeros((len(rows), 2, width), dtype=torch.long)
         prefix_lengths = torch.zeros(len(rows), dtype=torch.long)
-        for i, (ids, positions, blocks, prefix) in enumerate(rows):
+        for i, (ids, positions, prefix) in enumerate(rows):
             pad = width - len(ids)
             input_ids[i, pad:] = torch.tensor(ids)
             attention_mask[i, pad:] = 1
-            position_ids[i, 0, pad:], position_ids[i, 1, pad:] = torch.tensor(positions), torch.tensor(blocks)
+            position_ids[i, :, pad:] = positions
             prefix_lengths[i] = pad + prefix
         batch = {}
         if all("labels" in example for example in examples):
@@ -188,6 +179,16 @@ class ClozeCollator:
             prefix_lengths=prefix_lengths,
         )
         return batch
+
+    @staticmethod
+    def _row(example: Mapping[str, Any], extra: list[int]) -> tuple[list[int], torch.Tensor, int]:
+        """``(ids, position_ids [2, n], prefix)``: the encoded Part A + ``<sop>``, then ``extra`` answer
+        tokens, the whole Part B laid out by ``span_position_ids`` from the mask's position."""
+        prefix = int(example["prefix_lengths"])
+        part_a = torch.tensor([row[:prefix] for row in example["position_ids"]], dtype=torch.long)  # [2, A]
+        mask_position = int(example["position_ids"][0][prefix])  # where the encoder put <sop>
+        part_b = span_position_ids(mask_position, 1, 1 + len(extra))[0]  # [2, 1 + len(extra)]
+        return list(example["input_ids"]) + list(extra), torch.cat([part_a, part_b], dim=1), prefix
 
 
 def cloze_scores(model: Any, inputs: Mapping[str, torch.Tensor], candidates: list[list[int]]) -> torch.Tensor:

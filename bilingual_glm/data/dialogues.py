@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import sys
@@ -40,6 +39,8 @@ from pathlib import Path
 
 import datasets
 import yaml
+
+from bilingual_glm.data.files import package_dir
 
 logger = logging.getLogger(__name__)
 
@@ -77,12 +78,7 @@ class Dialogue:
 
 def corpus_dir() -> Path:
     """The installed corpus's ``data`` folder, found without importing the package (only files needed)."""
-    spec = importlib.util.find_spec(_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "The chat corpus needs the 'chatterbot-corpus' package: pip install 'bilingual-glm[demo]'"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
+    return package_dir(_PACKAGE, "The chat corpus needs", distribution="chatterbot-corpus") / "data"
 
 
 def parse_corpus_file(path: str | Path) -> list[tuple[str, ...]]:

