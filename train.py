@@ -648,8 +648,9 @@ def train_step(
             if not gradient_is_finite(run, model, objective, progress.step + 1):
                 optimizer.zero_grad(set_to_none=True)
                 return None
-            optimizer.step()
-            run.clock.tick()  # before the scheduler: it reads the new step and time
+            optimizer.step()  # Accelerate makes it a no-op until the last micro-batch
+            if accelerator.sync_gradients:  # count optimizer steps, not micro-batches
+                run.clock.tick()  # before the scheduler: it reads the new step and time
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps

@@ -274,3 +274,24 @@ def test_mixed_precision_auto_follows_the_one_bf16_rule(monkeypatch):
     assert train.resolve_mixed_precision("auto") == "no"
     with pytest.raises(ValueError, match="--max_train_minutes must be > 0"):
         train.TrainingClock(None, 0.0, None, accelerator=None)
+
+
+def test_gradient_accumulation_counts_optimizer_steps_and_config_overrides_apply(tmp_path, tokenizer_dir):
+    out = tmp_path / "accumulate"
+    run_train(
+        ["--max_steps", "4", "--gradient_accumulation_steps", "2", "--save_steps", "4", "--objective", "clm"]
+        + ["--config_overrides", "num_hidden_layers=1,tie_word_embeddings=false"]
+        + ["--output_dir", str(out), "--tokenizer", str(tokenizer_dir)]
+    )
+    assert json.loads((out / "run_config.json").read_text())["steps_taken"] == 4
+    assert json.loads((out / "checkpoint-4" / "training_state.json").read_text())["micro_batches"] == 8
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["num_hidden_layers"] == 1 and saved["tie_word_embeddings"] is False
+
+
+def test_bad_config_overrides_name_the_flag():
+    train = load_script(ROOT / "train.py")
+    config = bilingual_glm.BilingualGlmConfig.from_preset("tiny")
+    for overrides in ("no_such_field=3", "num_attention_heads=3"):
+        with pytest.raises(ValueError, match="config_overrides|num_attention_heads"):
+            train.apply_config_overrides(config, overrides)
