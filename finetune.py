@@ -1,7 +1,7 @@
 """Finetune a pretrained BilingualGlm folder with transformers' Trainer: classification, GLM cloze or chat SFT.
 
-    python finetune.py --model_name_or_path runs/train-small --output_dir runs/sentiment            # classify
-    python finetune.py --task cloze --model_name_or_path runs/train-small --output_dir runs/cloze     # GLM cloze
+    python finetune.py --model_name_or_path runs/train-mini --output_dir runs/sentiment            # classify
+    python finetune.py --task cloze --model_name_or_path runs/train-mini --output_dir runs/cloze     # GLM cloze
     python finetune.py --task sft --model_name_or_path PRE --train_file chats.jsonl --output_dir runs/chat
     python finetune.py ... --lora_r 8 [--merge_lora]                                                 # LoRA
     python finetune.py ... --save_steps 100 --resume_from_checkpoint latest                          # resume

@@ -1,7 +1,7 @@
 """Load a model folder (or Hub id) and continue a Chinese and an English prompt.
 
-    python examples/generate.py runs/train-small
-    python examples/generate.py runs/train-small --prompt "中国人民" --max_new_tokens 40 --sample
+    python examples/generate.py runs/train-mini
+    python examples/generate.py runs/train-mini --prompt "中国人民" --max_new_tokens 40 --sample
 
 Works with or without the `bilingual_glm` package installed: the folder carries its code, hence
 ``trust_remote_code=True``. Batched prompts are left-padded (generation appends on the right).

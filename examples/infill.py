@@ -1,7 +1,7 @@
 """Fill blanks with GLM blank infilling: every [MASK] (a span), [sMASK] (a sentence), [gMASK] (the rest).
 
-    python examples/infill.py runs/train-small
-    python examples/infill.py runs/train-small --text "北京是[MASK]的首都。Paris is the capital of [MASK]."
+    python examples/infill.py runs/train-mini
+    python examples/infill.py runs/train-mini --text "北京是[MASK]的首都。Paris is the capital of [MASK]."
 
 The text with its blanks is Part A (bidirectional); each blank's span is generated after ``<sop>`` at the
 blank's position, left to right, each seeing the spans before it. Needs the ``bilingual_glm`` package

@@ -1,7 +1,7 @@
 """LoRA-finetune a model folder on a few chats, save the adapter, merge it into a full model folder.
 
-    python examples/lora_finetune.py runs/train-small --output_dir runs/lora-demo
-    python examples/lora_finetune.py runs/train-small --chats my_chats.jsonl --max_steps 200
+    python examples/lora_finetune.py runs/train-mini --output_dir runs/lora-demo
+    python examples/lora_finetune.py runs/train-mini --chats my_chats.jsonl --max_steps 200
 
 One screen of what ``finetune.py --task sft --lora_r 8 --merge_lora`` does: LoRA on the standard module
 names (q/k/v/o projections and the fused MLP), loss only on assistant tokens (the chat template's

@@ -1,6 +1,6 @@
 """The two transformers pipelines a BilingualGlm folder plugs into: text generation and text classification.
 
-    python examples/pipelines.py --generator runs/train-small --classifier runs/sentiment
+    python examples/pipelines.py --generator runs/train-mini --classifier runs/sentiment
 
 ``--generator``: any causal LM folder (pretrained or finetuned); ``--classifier``: a folder written by
 ``finetune.py --task classification``. Both load through their own code (``trust_remote_code=True``).
