@@ -256,6 +256,7 @@ def test_model_gradients_agree_with_and_without_the_onednn_path(onednn_everywher
 
     def grads() -> torch.Tensor:
         model = perturbed_model().train()
+        assert kernels.use_onednn_linears(model) > 0  # the opt-in module swap
         model(ids, labels=ids, return_logits=False).loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -263,6 +264,21 @@ def test_model_gradients_agree_with_and_without_the_onednn_path(onednn_everywher
     with torch.backends.mkldnn.flags(enabled=False):
         reference = grads()
     assert torch.allclose(fast, reference, atol=1e-6, rtol=1e-4)
+
+
+def test_onednn_linears_fall_back_to_f_linear_without_the_private_op(onednn_everywhere, monkeypatch):
+    """``torch.ops.mkldnn._linear_pointwise`` is private: a torch without it (probed as None) runs
+    ``F.linear`` in every swapped module, with the same values."""
+    monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", None)
+    model = perturbed_model()
+    ids = tokens(2, 30)
+    with torch.no_grad():
+        reference = model(ids).logits
+        assert kernels.use_onednn_linears(model) > 0
+        assert isinstance(model.model.layers[0].mlp.down_proj, kernels.OneDnnLinear)
+        assert torch.equal(model(ids).logits, reference)
+    x, weight = torch.randn(64, 128), torch.randn(256, 128, requires_grad=True)
+    assert type(kernels.linear(x, weight).grad_fn).__name__ != "_OneDnnLinearBackward"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
