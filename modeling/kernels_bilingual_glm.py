@@ -1,14 +1,17 @@
 """Faster paths BilingualGlm takes where they apply, each with the plain PyTorch op as its fallback.
 
 - ``fast_bf16`` / ``onednn_fp32_wins``: the one rule for which device gets which path (read below).
-- ``linear`` / ``project``: ``F.linear``, but CPU fp32 matmuls run on oneDNN instead of MKL's sgemm.
-- ``matmul_attention_forward``: SDPA's contract on CPU under bf16 as two bf16 matmuls (torch's CPU flash
-  kernel computes in fp32 whatever the input dtype).
+- ``use_onednn_linears(model)`` (opt-in module swap, ``OneDnnLinear``): CPU fp32 linears on oneDNN instead
+  of MKL's sgemm, where that wins. ``torch.ops.mkldnn._linear_pointwise`` is private, so it is probed once
+  and ``F.linear`` is the (tested) fallback.
+- ``matmul_attention_forward`` + ``use_matmul_attention``: the body and rule of the attention
+  ``modeling_bilingual_glm`` registers as ``attn_implementation="cpu_bf16_matmul"``: SDPA's contract on CPU
+  under bf16 as two bf16 matmuls (torch's CPU flash kernel computes in fp32 whatever the input dtype).
 - ``linear_cross_entropy``: ``lm_head`` + cross-entropy a chunk of rows at a time, never the ``[N, V]``
   logits.
 
 Every one computes what the plain op computes (fp32 parity with transformers' native GLM holds to 1e-5;
-the tests force each path on). Measurements behind each choice: ``benchmarks/README.md``. This file ships
+the tests force each path on), in public torch API or with a tested public fallback. Measurements behind each choice: ``benchmarks/README.md``. This file ships
 as Hub remote code next to ``modeling_bilingual_glm.py``, so it imports only torch.
 """
 
@@ -90,7 +93,23 @@ def onednn_fp32_wins() -> bool:
 
 
 # ------------------------------------------------------------------------------------------- linear
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+def _probe_onednn_linear() -> Any:
+    """torch's oneDNN linear op (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor uses), or None.
+
+    It is not public API, so it is looked up and called once on a tiny input: a torch without it, or with
+    another signature, gets ``None`` and every caller falls back to ``F.linear`` (tested by forcing None).
+    """
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    try:
+        probe = torch.ones(2, 2)
+        return (
+            op if op is not None and torch.equal(op(probe, probe, None, "none", [], ""), probe * 2) else None
+        )
+    except (RuntimeError, TypeError):
+        return None
+
+
+_ONEDNN_LINEAR = _probe_onednn_linear()
 _ONEDNN_MIN_MACS = 1 << 19  # below this a oneDNN call's fixed ~12 µs costs more than MKL's slower math
 
 
@@ -157,7 +176,7 @@ class _OneDnnLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, on oneDNN for CPU fp32 (the same arithmetic, a faster kernel)."""
+    """``F.linear``, on oneDNN for CPU fp32 where ``_use_onednn`` says so (the same arithmetic)."""
     if not _use_onednn(x, weight):
         return F.linear(x, weight, bias)
     tensors = (x, weight) if bias is None else (x, weight, bias)
@@ -166,59 +185,48 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return _onednn_nt(x, weight, bias)  # decoding: no autograd node to build
 
 
+class OneDnnLinear(nn.Linear):
+    """``nn.Linear`` whose forward is ``linear``: oneDNN for CPU fp32 where it wins, ``F.linear`` otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: nn.Module) -> int:
+    """Opt in to oneDNN fp32 linears: turn every plain ``nn.Linear`` of ``model`` into a ``OneDnnLinear``.
+
+    The modules stay the same objects (only their class changes), so parameters, tied weights, hooks and
+    state-dict names are untouched and the swap can be undone by setting ``__class__`` back. Subclasses
+    (LoRA, quantized layers) are left alone. Each call still follows ``_use_onednn``: on CPUs where oneDNN
+    loses (``onednn_fp32_wins``: Intel), under autocast, or for small matmuls it runs ``F.linear``.
+    Returns how many modules were switched.
+    """
+    switched = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = OneDnnLinear
+            switched += 1
+    return switched
+
+
 def is_plain_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` whose weight may be used directly: no subclass, hook or patched forward
-    (LoRA, quantization, accelerate offloading) that its own forward would apply."""
-    hooked = module._forward_hooks or module._forward_pre_hooks or "forward" in vars(module)
-    return type(module) is nn.Linear and not hooked
+    """An ``nn.Linear`` (or ``OneDnnLinear``) whose weight a fused kernel may use in place of its forward:
+    not a subclass (LoRA, quantized) and no patched instance ``forward`` (accelerate offloading).
 
-
-def project(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)``; a plain ``nn.Linear`` goes through ``linear`` (wrapped ones run their own forward)."""
-    return linear(x, module.weight, module.bias) if is_plain_linear(module) else module(x)
+    Forward hooks registered on such a module do not run on the fused paths (torch has no public way to
+    list them): wrap the module instead (as PEFT does) to keep them."""
+    return type(module) in (nn.Linear, OneDnnLinear) and "forward" not in vars(module)
 
 
 # ---------------------------------------------------------------------------------------- attention
-class _MatmulAttention(torch.autograd.Function):
-    """``softmax(q kᵀ, masked) v`` (q pre-scaled) as two bf16 matmuls around the bf16 softmax kernel.
-
-    The scores stay in bf16 (what a bf16 matmul gives; the softmax kernels accumulate in fp32), so no
-    ``[Tq, Tk]`` tensor is ever converted. The ``G`` query heads sharing a K/V head are stacked along the
-    rows (``[B, KV, G·Tq, D]``): GQA needs no K/V copies and ``∂k``, ``∂v`` come out summed over the
-    group. Backward keeps the probabilities (2·Tq·Tk bytes per head; flash attention recomputes them).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, query, key, value, blocked) -> torch.Tensor:
-        # query [B, KV, G*Tq, D]; key, value [B, KV, Tk, D]; blocked: bool [B|1, 1, 1, Tq, Tk], True = hidden
-        scores = torch.matmul(query, key.transpose(-1, -2))  # [B, KV, G*Tq, Tk]
-        batch, kv_heads, rows, kv_len = scores.shape
-        q_len = blocked.shape[-2]
-        hidden = torch.finfo(scores.dtype).min
-        scores.view(batch, kv_heads, rows // q_len, q_len, kv_len).masked_fill_(blocked, hidden)
-        probs = torch.softmax(scores, dim=-1)
-        ctx.save_for_backward(query, key, value, probs)
-        return torch.matmul(probs, value)  # [B, KV, G*Tq, D]
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor):
-        query, key, value, probs = ctx.saved_tensors
-        grad_value = torch.matmul(probs.transpose(-1, -2), grad_out)  # [B, KV, Tk, D]
-        grad_probs = torch.matmul(grad_out, value.transpose(-1, -2))  # [B, KV, G*Tq, Tk]
-        grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        grad_query = torch.matmul(grad_scores, key)
-        grad_key = torch.matmul(grad_scores.transpose(-1, -2), query)
-        return grad_query, grad_key, grad_value, None
-
-
 _MATMUL_ATTENTION_MAX_SCORES = 1 << 25  # beyond this many scores per call, SDPA's tiling wins on memory
 
 
 def use_matmul_attention(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
 ) -> bool:
-    """``_MatmulAttention`` instead of SDPA: a CPU with native bf16, bf16 compute, no dropout, causal or a
-    bool mask.
+    """The rule of ``attn_implementation="cpu_bf16_matmul"``: two bf16 matmuls instead of SDPA on a CPU with
+    native bf16, under bf16 compute, no dropout, causal or a bool mask.
 
     torch's CPU flash kernel is no faster in bf16 than in fp32 (measured on AVX512-BF16), so under bf16
     autocast it misses the bf16 matmul units (~2x oneDNN fp32 here); at training lengths two bf16 matmuls are
@@ -252,7 +260,14 @@ def matmul_attention_forward(
     scaling: float,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """SDPA's contract (bool mask, or ``None`` = causal) computed in bf16 by ``_MatmulAttention``."""
+    """SDPA's contract (bool mask, or ``None`` = causal) as two bf16 matmuls around the bf16 softmax.
+
+    The scores stay in bf16 (what a bf16 matmul gives; the softmax kernel accumulates in fp32), so no
+    ``[Tq, Tk]`` tensor is ever converted. The ``G`` query heads sharing a K/V head are stacked along the
+    rows (``[B, KV, G·Tq, D]``): GQA needs no K/V copies, and autograd sums ``∂k``, ``∂v`` over the group.
+    Plain autograd ops: backward keeps the probabilities (2·Tq·Tk bytes per head; flash attention
+    recomputes them). The mask is added as a bf16 bias, whose backward is the identity.
+    """
     batch, heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     if attention_mask is None:  # causal, Tq == Tk
@@ -260,8 +275,13 @@ def matmul_attention_forward(
     else:
         blocked = ~attention_mask[:, :, None]  # [B|1, 1, 1, Tq, Tk]
     with torch.autocast(query.device.type, enabled=False):
+        bias = torch.zeros(blocked.shape, dtype=torch.bfloat16, device=query.device)
+        bias.masked_fill_(blocked, torch.finfo(torch.bfloat16).min)
         stacked = (query * scaling).bfloat16().reshape(batch, kv_heads, -1, head_dim)  # [B, KV, G*Tq, D]
-        output = _MatmulAttention.apply(stacked, key.bfloat16(), value.bfloat16(), blocked)
+        scores = torch.matmul(stacked, key.bfloat16().transpose(-1, -2))  # [B, KV, G*Tq, Tk]
+        scores = scores.view(batch, kv_heads, heads // kv_heads, q_len, kv_len).add_(bias)
+        probs = torch.softmax(scores.view(batch, kv_heads, -1, kv_len), dim=-1)
+        output = torch.matmul(probs, value.bfloat16())  # [B, KV, G*Tq, D]
     output = output.view(batch, heads, q_len, head_dim)
     return output.transpose(1, 2).contiguous(), None  # [B, Tq, H, D]
 

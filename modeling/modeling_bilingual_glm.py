@@ -17,9 +17,17 @@ With 1D positions (or block positions all zero) and no prefix this is exactly tr
 ``GlmForCausalLM`` (``Glm4ForCausalLM`` with sandwich norms), weight name for weight name;
 ``bilingual_glm.conversion`` moves checkpoints both ways.
 
-The faster paths it takes where they apply (oneDNN fp32 linears on CPU, bf16 matmul attention on CPU, a
-chunked linear + cross-entropy) live in ``kernels_bilingual_glm.py`` beside it, each with the plain op as
-its fallback. This file ships as Hub remote code, so it imports only public transformers API.
+CPU fast paths are opt-in and named, at transformers' extension points (bodies in ``kernels_bilingual_glm.py``):
+
+- ``attn_implementation="cpu_bf16_matmul"``, registered with ``AttentionInterface``: SDPA, except on a CPU
+  with native bf16 under bf16 compute, where it is two bf16 matmuls (``use_matmul_attention`` is the rule).
+  It is the default when no ``attn_implementation`` is asked for; ``"sdpa"``, ``"eager"``, flash and flex
+  run exactly those kernels.
+- ``use_onednn_linears(model)``: a module swap to oneDNN fp32 linears (they win on AMD CPUs), for the user
+  or ``train.py`` to turn on.
+- the loss: ``lm_head`` + cross-entropy a chunk of rows at a time, on supervised positions only.
+
+This file ships as Hub remote code, so it imports only public transformers API.
 """
 
 from __future__ import annotations
@@ -32,8 +40,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -41,23 +51,18 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-try:  # transformers >= 4.52
-    from transformers.modeling_layers import GradientCheckpointingLayer
-except ImportError:  # pragma: no cover - older transformers
-    GradientCheckpointingLayer = nn.Module
-
 from ..configuration.configuration_bilingual_glm import BilingualGlmConfig  # flat in exported folders
 from .kernels_bilingual_glm import (
     is_plain_linear,
-    linear,
     linear_cross_entropy,
     matmul_attention_forward,
-    project,
     use_matmul_attention,
 )
 
 # transformers 5.x renamed the outputs' `past_key_values` field to `cache`.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# ... and create_causal_mask's (input_embeds, cache_position, past_key_values) to (inputs_embeds, cache).
+_MASK_TAKES_CACHE_POSITION = "cache_position" in inspect.signature(create_causal_mask).parameters
 
 
 # --------------------------------------------------------------------------------------------- norm
@@ -167,6 +172,30 @@ def eager_attention_forward(
     return output.transpose(1, 2).contiguous(), weights  # [B, Tq, H, D]
 
 
+CPU_BF16_ATTENTION = "cpu_bf16_matmul"
+
+
+def cpu_bf16_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``attn_implementation="cpu_bf16_matmul"``: transformers' SDPA, except where ``use_matmul_attention``
+    holds (a CPU with native bf16, bf16 compute, no dropout, a causal or bool mask, not decoding): there two
+    bf16 matmuls (``matmul_attention_forward``), 1.3-3x faster than torch's CPU flash kernel, which computes
+    in fp32. Masks are SDPA's (registered with ``AttentionMaskInterface`` under the same name)."""
+    if use_matmul_attention(module, query, key, attention_mask):
+        return matmul_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(CPU_BF16_ATTENTION, cpu_bf16_attention_forward)
+AttentionMaskInterface.register(CPU_BF16_ATTENTION, sdpa_mask)
+
+
 class BilingualGlmAttention(nn.Module):
     """GQA self-attention with q/k/v bias; the kernel comes from transformers' attention registry."""
 
@@ -179,29 +208,12 @@ class BilingualGlmAttention(nn.Module):
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        q_size, kv_size = (
-            config.num_attention_heads * self.head_dim,
-            config.num_key_value_heads * self.head_dim,
-        )
+        q_size = config.num_attention_heads * self.head_dim
+        kv_size = config.num_key_value_heads * self.head_dim
         self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
-
-    def _qkv(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``[q | k | v]`` from one matmul over the three weights (one pass over the input, one input
-        gradient instead of three summed). Decoding steps (a few rows, where reading the weights is the
-        cost and concatenating them would double it) and wrapped projections (LoRA, quantized, hooked)
-        run the three modules."""
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        few_rows = hidden_states.numel() < 64 * hidden_states.shape[-1]
-        if few_rows or not all(is_plain_linear(projection) for projection in projections):
-            return torch.cat([project(projection, hidden_states) for projection in projections], dim=-1)
-        weight = torch.cat([projection.weight for projection in projections])
-        bias = (
-            None if self.q_proj.bias is None else torch.cat([projection.bias for projection in projections])
-        )
-        return linear(hidden_states, weight, bias)  # [B, T, (H + 2 KV) * D]
 
     def forward(
         self,
@@ -211,20 +223,18 @@ class BilingualGlmAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        batch, q_len, _ = hidden_states.shape
-        heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
-        qkv = self._qkv(hidden_states).view(batch, q_len, -1, self.head_dim)  # [B, T, H+2KV, D]
-        qkv = qkv.transpose(1, 2)  # [B, H+2KV, T, D]
-        rotated = apply_rotary_pos_emb(qkv[:, : heads + kv_heads], *position_embeddings)  # q and k at once
-        query, key, value = rotated[:, :heads], rotated[:, heads:], qkv[:, heads + kv_heads :]
+        hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, D]
+        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, KV, T, D]
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query = apply_rotary_pos_emb(query, *position_embeddings)
+        key = apply_rotary_pos_emb(key, *position_embeddings)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
         implementation = self.config._attn_implementation or "eager"
         attention = eager_attention_forward
-        if implementation == "sdpa" and use_matmul_attention(self, query, key, attention_mask):
-            attention = matmul_attention_forward
-        elif implementation != "eager":
+        if implementation != "eager":
             attention = ALL_ATTENTION_FUNCTIONS[implementation]
         output, weights = attention(
             self,
@@ -236,8 +246,8 @@ class BilingualGlmAttention(nn.Module):
             scaling=self.scaling,
             **kwargs,
         )
-        output = output.reshape(batch, q_len, -1).contiguous()  # [B, T, H*D]
-        return project(self.o_proj, output), weights
+        output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # [B, T, H*D]
+        return self.o_proj(output), weights
 
 
 # ---------------------------------------------------------------------------------------------- MLP
@@ -249,9 +259,9 @@ class BilingualGlmMLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        gate, up = project(self.gate_up_proj, hidden_states).chunk(2, dim=-1)
-        return project(self.down_proj, up * F.silu(gate))
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+        return self.down_proj(up * F.silu(gate))
 
 
 # -------------------------------------------------------------------------------------------- layer
@@ -298,6 +308,32 @@ class BilingualGlmDecoderLayer(GradientCheckpointingLayer):
 
 
 # ------------------------------------------------------------------------------------ masks, positions
+def prefix_mask_function(prefix_lengths: torch.Tensor) -> Any:
+    """GLM's open prefix as a ``masking_utils`` mask function (``or_mask_function``): key columns
+    ``< prefix_lengths[b]`` are visible to every query of row ``b`` (Part A is bidirectional)."""
+
+    def visible(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return kv_idx < prefix_lengths[batch_idx]
+
+    return visible
+
+
+def padding_mask_function(padding_mask: torch.Tensor) -> Any:
+    """Padding as a mask function (``and_mask_function``): a key is hidden if it is padding, or beyond the
+    mask (a static cache's spare slots), except to its own query, so no softmax row is ever empty.
+
+    transformers' own padding function has no such exception (and needs the mask padded to the key length),
+    so forward passes the padding mask through this one instead."""
+    keys = padding_mask.bool()
+    last = keys.shape[-1] - 1
+
+    def visible(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+        real = keys[batch_idx, kv_idx.clamp(max=last)] & (kv_idx <= last)
+        return real | (kv_idx == q_idx)
+
+    return visible
+
+
 def build_attention_mask(
     padding_mask: torch.Tensor | None,
     prefix_lengths: torch.Tensor | None,
@@ -307,7 +343,7 @@ def build_attention_mask(
     kv_len: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Boolean ``[B, 1, Tq, Tk]`` mask (True = may attend) for causal attention with an open prefix.
+    """Boolean ``[B, 1, Tq, Tk]`` mask (True = may attend): the model's mask functions on index grids.
 
     Key ``j`` is visible to the query at absolute position ``i`` iff ``j <= i or j < prefix``, and ``j`` is
     not padding. ``prefix_lengths=3``, 6 tokens::
@@ -322,17 +358,15 @@ def build_attention_mask(
 
     A query whose own key is padding still sees itself, so no softmax row is empty (no NaNs).
     """
-    query_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]  # [Tq, 1]
-    key_pos = torch.arange(kv_len, device=device)[None, :]  # [1, Tk]
-    visible = (key_pos <= query_pos)[None]  # [1, Tq, Tk]
+    batch_idx = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    q_idx = torch.arange(past_len, past_len + q_len, device=device).view(1, 1, -1, 1)
+    kv_idx = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
+    visible = kv_idx <= q_idx
     if prefix_lengths is not None:
-        prefix = prefix_lengths.to(device).view(-1, 1, 1)  # [B, 1, 1]
-        visible = visible | (key_pos[None] < prefix)
+        visible = visible | prefix_mask_function(prefix_lengths.to(device))(batch_idx, 0, q_idx, kv_idx)
     if padding_mask is not None:
-        keys = padding_mask.to(device=device, dtype=torch.bool)[:, -kv_len:]  # [B, <=Tk]
-        keys = F.pad(keys, (0, kv_len - keys.shape[1]), value=False)[:, None, :]  # [B, 1, Tk]
-        visible = visible & (keys | (key_pos == query_pos)[None])
-    return visible.expand(batch, q_len, kv_len)[:, None]  # [B, 1, Tq, Tk]
+        visible = visible & padding_mask_function(padding_mask.to(device))(batch_idx, 0, q_idx, kv_idx)
+    return visible.expand(batch, 1, q_len, kv_len)
 
 
 def span_position_ids(
@@ -353,13 +387,12 @@ def span_position_ids(
 
 
 def _kv_length(cache: Cache | None, past_len: int, q_len: int) -> int:
-    """Key length the mask must cover (a static cache attends over its whole preallocated length)."""
-    if cache is None or not hasattr(cache, "get_mask_sizes"):
+    """Key length a 4D mask must cover (a static cache attends over its whole preallocated length)."""
+    if cache is None:
         return past_len + q_len
-    try:  # transformers 5.x: (query_length, layer_idx)
-        return int(cache.get_mask_sizes(q_len, 0)[0])
-    except (AttributeError, TypeError):  # 4.x: (cache_position, layer_idx)
+    if _MASK_TAKES_CACHE_POSITION:  # transformers 4.57 / 5.0: (cache_position, layer_idx)
         return int(cache.get_mask_sizes(torch.arange(past_len, past_len + q_len), 0)[0])
+    return int(cache.get_mask_sizes(q_len, 0)[0])  # later 5.x: (query_length, layer_idx)
 
 
 def _default_position_ids(
@@ -381,12 +414,9 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["BilingualGlmDecoderLayer"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
-    _supports_flash_attn_2 = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _supports_cache_class = True
-    _supports_static_cache = True
     _can_compile_fullgraph = False
 
     @torch.no_grad()
@@ -415,6 +445,14 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
             inv_freq, _ = module.compute_default_rope_parameters(module.config, module.inv_freq.device)
             module.inv_freq.copy_(inv_freq)
             module.original_inv_freq.copy_(inv_freq)
+
+    def get_correct_attn_implementation(
+        self, requested_attention: str | None, is_init_check: bool = False
+    ) -> str:
+        """The documented default: no ``attn_implementation`` asked for gives ``cpu_bf16_matmul`` (SDPA, or
+        two bf16 matmuls on a CPU with native bf16 under bf16 compute); any name asked for is used as is."""
+        resolved = super().get_correct_attn_implementation(requested_attention, is_init_check)
+        return CPU_BF16_ATTENTION if requested_attention is None and resolved == "sdpa" else resolved
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Also write the code as flat files and an ``auto_map``: the folder then loads anywhere.
@@ -475,12 +513,6 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        output_attentions = (
-            output_attentions if output_attentions is not None else self.config.output_attentions
-        )
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
         past_len = cache.get_seq_length() if cache is not None else 0
         if input_ids is not None and past_len == 0:
             self._check_token_ids(input_ids)  # prefill and training only: decoding steps stay sync-free
@@ -489,22 +521,39 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache()
         batch, q_len, _ = inputs_embeds.shape
-        device = inputs_embeds.device
 
-        if attention_mask is not None and attention_mask.dim() == 4:
-            self._check_4d_mask(attention_mask, batch, q_len, _kv_length(cache, past_len, q_len))
-            mask = attention_mask  # a ready custom mask is used as given
-        else:
-            mask = self._prepare_mask(
-                attention_mask, prefix_lengths, cache, batch, q_len, past_len, inputs_embeds
-            )
+        mask = self._attention_mask(attention_mask, prefix_lengths, cache, past_len, inputs_embeds)
         if position_ids is None:
             padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            position_ids = _default_position_ids(padding, past_len, q_len, device)
+            position_ids = _default_position_ids(padding, past_len, q_len, inputs_embeds.device)
         self._check_positions(position_ids, batch, q_len, check_values=past_len == 0)
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        hidden_states, all_hidden, all_attentions = self._run_layers(
+            inputs_embeds, position_embeddings, mask, cache, output_hidden_states, output_attentions, kwargs
+        )
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden or None,
+            attentions=all_attentions or None,
+            **{_CACHE_FIELD: cache if use_cache else None},
+        )
+        return output if return_dict is not False else output.to_tuple()
 
-        hidden_states = inputs_embeds
+    def _run_layers(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        mask: Any,
+        cache: Cache | None,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+        kwargs: dict[str, Any],
+    ) -> tuple[torch.Tensor, tuple, tuple]:
+        """The decoder stack and the final norm, collecting hidden states / attention weights if asked."""
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = self.config.output_attentions
         all_hidden, all_attentions = (), ()
         for layer in self.layers:
             if output_hidden_states:
@@ -515,58 +564,61 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden += (hidden_states,)
+        return hidden_states, all_hidden, all_attentions
 
-        output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=all_hidden or None,
-            attentions=all_attentions or None,
-            **{_CACHE_FIELD: cache if use_cache else None},
-        )
-        return output if return_dict is not False else output.to_tuple()
-
-    def _prepare_mask(
+    def _attention_mask(
         self,
         attention_mask: torch.Tensor | None,
         prefix_lengths: torch.Tensor | None,
         cache: Cache | None,
-        batch: int,
-        q_len: int,
         past_len: int,
         inputs_embeds: torch.Tensor,
-    ) -> torch.Tensor | None:
-        """The mask in the form the chosen kernel wants: None (pure causal), padding-only 2D, or 4D."""
+    ) -> Any:
+        """``masking_utils.create_causal_mask`` in the form the chosen kernel wants (None for plain causal
+        SDPA, bool for SDPA, additive for eager, a BlockMask for flex), with GLM's prefix as its
+        ``or_mask_function`` and padding as its ``and_mask_function`` (``padding_mask_function``)."""
+        batch, q_len = inputs_embeds.shape[:2]
+        if attention_mask is not None and attention_mask.dim() == 4:
+            self._check_4d_mask(attention_mask, batch, q_len, _kv_length(cache, past_len, q_len))
+            return attention_mask  # a ready custom mask is used as given
         implementation = self.config._attn_implementation or "eager"
-        kv_len = _kv_length(cache, past_len, q_len)
-        no_padding = attention_mask is None or bool(attention_mask.all())
-        if implementation.startswith("flash") or "flash" in implementation:
-            if prefix_lengths is not None:
-                raise ValueError(
-                    "prefix_lengths: flash attention kernels are causal-only; load the model with "
-                    "attn_implementation='sdpa', 'eager' or 'flex_attention' for GLM prefix attention"
-                )
-            return None if no_padding else attention_mask
         if prefix_lengths is not None:
-            prefix_lengths = torch.as_tensor(prefix_lengths, device=inputs_embeds.device)
-            if prefix_lengths.shape != (batch,):
-                raise ValueError(
-                    f"prefix_lengths must have shape [batch]=[{batch}], got {tuple(prefix_lengths.shape)}"
-                )
-            if past_len == 0 and (int(prefix_lengths.min()) < 0 or int(prefix_lengths.max()) > q_len):
-                raise ValueError(
-                    f"prefix_lengths must be in [0, sequence length={q_len}], got {prefix_lengths.tolist()}"
-                )
-        # No mask at all where none is needed: one new token seeing every cached key, or a fresh causal
-        # block under SDPA (its own is_causal path is the fastest). A static cache's spare slots need one.
-        plain = prefix_lengths is None and no_padding and kv_len == past_len + q_len
-        if plain and (q_len == 1 or (implementation == "sdpa" and past_len == 0)):
-            return None
-        mask = build_attention_mask(
-            attention_mask, prefix_lengths, batch, q_len, past_len, kv_len, inputs_embeds.device
-        )
-        if implementation == "sdpa":
-            return mask
-        zero = torch.zeros((), dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-        return torch.where(mask, zero, torch.finfo(inputs_embeds.dtype).min)  # additive for eager/flex
+            prefix_lengths = self._check_prefix(prefix_lengths, batch, q_len, past_len, inputs_embeds.device)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the plain causal mask (None where the kernel allows)
+        functions = {}
+        if prefix_lengths is not None:
+            functions["or_mask_function"] = prefix_mask_function(prefix_lengths)
+        if attention_mask is not None and "flash" not in implementation:  # flash takes the 2D mask itself
+            functions["and_mask_function"] = padding_mask_function(attention_mask.to(inputs_embeds.device))
+            attention_mask = None
+        if _MASK_TAKES_CACHE_POSITION:
+            positions = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)
+            return create_causal_mask(
+                self.config, inputs_embeds, attention_mask, positions, cache, **functions
+            )
+        # position_ids stay out: GLM's repeated Part-B positions would read as packed sequences.
+        return create_causal_mask(self.config, inputs_embeds, attention_mask, cache, **functions)
+
+    def _check_prefix(
+        self, prefix_lengths: Any, batch: int, q_len: int, past_len: int, device: torch.device
+    ) -> torch.Tensor:
+        """Shape and range of ``prefix_lengths``; flash kernels are causal-only and cannot honour one."""
+        if "flash" in (self.config._attn_implementation or ""):
+            raise ValueError(
+                "prefix_lengths: flash attention kernels are causal-only; load the model with "
+                "attn_implementation='sdpa', 'eager' or 'flex_attention' for GLM prefix attention"
+            )
+        prefix_lengths = torch.as_tensor(prefix_lengths, device=device)
+        if prefix_lengths.shape != (batch,):
+            raise ValueError(
+                f"prefix_lengths must have shape [batch]=[{batch}], got {tuple(prefix_lengths.shape)}"
+            )
+        if past_len == 0 and (int(prefix_lengths.min()) < 0 or int(prefix_lengths.max()) > q_len):
+            raise ValueError(
+                f"prefix_lengths must be in [0, sequence length={q_len}], got {prefix_lengths.tolist()}"
+            )
+        return prefix_lengths
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         """An id outside the vocabulary would fail deep in the embedding lookup (or silently on GPU)."""
@@ -691,7 +743,7 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
             loss = self._supervised_loss(hidden_states, shift_labels, num_items_in_batch)
         logits = None
         if return_logits or loss is None:
-            logits = project(self.lm_head, _keep(hidden_states, logits_to_keep))
+            logits = self.lm_head(_keep(hidden_states, logits_to_keep))
         output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -727,21 +779,44 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
         """Keep the 2D padding mask for static caches too: forward builds its own (prefix-aware) mask."""
         return attention_mask
 
-    def _update_model_kwargs_for_generation(
-        self, outputs: Any, model_kwargs: dict[str, Any], *args: Any, **kwargs: Any
+    def generate(self, *args: Any, position_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """``GenerationMixin.generate``; 2D positions ``[B, 2, T]`` travel as ``prompt_position_ids`` so that
+        generate's own position update (which would advance both rows) leaves them alone, and
+        ``prepare_inputs_for_generation`` extends them GLM's way."""
+        if position_ids is not None:
+            kwargs["prompt_position_ids" if position_ids.dim() == 3 else "position_ids"] = position_ids
+        return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        *args: Any,
+        prompt_position_ids: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any]:
-        """Advance 2D positions GLM's way: the position stays at the mask, the block position counts up."""
-        position_ids = model_kwargs.get("position_ids")
-        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
-        if position_ids is not None and position_ids.dim() == 3:
-            num_new = kwargs.get("num_new_tokens", args[1] if len(args) > 1 else 1)
-            new = span_position_ids(position_ids[:, 0, -1], position_ids[:, 1, -1] + 1, num_new)  # [B, 2, N]
-            model_kwargs["position_ids"] = torch.cat((position_ids, new), dim=-1)  # [B, 2, T + N]
-        return model_kwargs
+        """Every generated token continues the prompt's last span (``span_position_ids``): its position
+        stays at the mask, its block position counts up, e.g. ``<sop>`` at (2, 1), then (2, 2), (2, 3), ..."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        if prompt_position_ids is None:
+            return inputs
+        cache = inputs.get("cache", inputs.get("past_key_values"))
+        fed_ids = inputs.get("input_ids")
+        fed = (fed_ids if fed_ids is not None else inputs["inputs_embeds"]).shape[1]  # tokens this step
+        total = fed + (cache.get_seq_length() if cache is not None else 0)
+        last = prompt_position_ids[..., -1]  # [B, 2]: the prompt's last token (position, block position)
+        new = span_position_ids(last[:, 0], last[:, 1] + 1, total - prompt_position_ids.shape[-1])
+        inputs["position_ids"] = torch.cat((prompt_position_ids, new), dim=-1)[..., -fed:]  # [B, 2, fed]
+        return inputs
 
 
 class BilingualGlmForSequenceClassification(BilingualGlmPreTrainedModel):
-    """Classifies from the hidden state of each row's last real token (left or right padding)."""
+    """Classifies from the hidden state of each row's last real token (left or right padding).
+
+    Not transformers' ``GenericForSequenceClassification``: that one finds the last token by searching
+    ``pad_token_id`` in ``input_ids`` (wrong for GLM-4, whose pad id is ``<|endoftext|>``, a real token, and
+    blind with ``inputs_embeds``) and builds its body with ``AutoModel.from_config``, which asks for
+    ``trust_remote_code`` again inside exported folders. Here the attention mask decides.
+    """
 
     accepts_loss_kwargs = False  # mean loss: Trainer must scale it for gradient accumulation itself
 
@@ -783,7 +858,7 @@ class BilingualGlmForSequenceClassification(BilingualGlmPreTrainedModel):
             return_dict=True,
             **kwargs,
         )
-        logits = project(self.score, outputs.last_hidden_state)  # [B, T, num_labels]
+        logits = self.score(outputs.last_hidden_state)  # [B, T, num_labels]
         last = self._last_token_index(input_ids, attention_mask, logits.shape[:2])
         pooled_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]  # [B, num_labels]
         loss = None
@@ -835,7 +910,7 @@ def write_remote_code(save_directory: str | os.PathLike) -> None:
     sources = {
         "modeling_bilingual_glm.py": inspect.getsource(inspect.getmodule(BilingualGlmPreTrainedModel)),
         "configuration_bilingual_glm.py": inspect.getsource(inspect.getmodule(BilingualGlmConfig)),
-        "kernels_bilingual_glm.py": inspect.getsource(inspect.getmodule(linear)),
+        "kernels_bilingual_glm.py": inspect.getsource(inspect.getmodule(linear_cross_entropy)),
     }
     sources["modeling_bilingual_glm.py"] = sources["modeling_bilingual_glm.py"].replace(
         _PACKAGE_IMPORT, _FLAT_IMPORT, 1

@@ -256,6 +256,7 @@ def test_model_gradients_agree_with_and_without_the_onednn_path(onednn_everywher
 
     def grads() -> torch.Tensor:
         model = perturbed_model().train()
+        assert kernels.use_onednn_linears(model) > 0  # the opt-in module swap
         model(ids, labels=ids, return_logits=False).loss.backward()
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
@@ -263,6 +264,21 @@ def test_model_gradients_agree_with_and_without_the_onednn_path(onednn_everywher
     with torch.backends.mkldnn.flags(enabled=False):
         reference = grads()
     assert torch.allclose(fast, reference, atol=1e-6, rtol=1e-4)
+
+
+def test_onednn_linears_fall_back_to_f_linear_without_the_private_op(onednn_everywhere, monkeypatch):
+    """``torch.ops.mkldnn._linear_pointwise`` is private: a torch without it (probed as None) runs
+    ``F.linear`` in every swapped module, with the same values."""
+    monkeypatch.setattr(kernels, "_ONEDNN_LINEAR", None)
+    model = perturbed_model()
+    ids = tokens(2, 30)
+    with torch.no_grad():
+        reference = model(ids).logits
+        assert kernels.use_onednn_linears(model) > 0
+        assert isinstance(model.model.layers[0].mlp.down_proj, kernels.OneDnnLinear)
+        assert torch.equal(model(ids).logits, reference)
+    x, weight = torch.randn(64, 128), torch.randn(256, 128, requires_grad=True)
+    assert type(kernels.linear(x, weight).grad_fn).__name__ != "_OneDnnLinearBackward"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -528,3 +544,50 @@ def test_bf16_training_path_matches_fp32_loss_and_gradients():
     loss16, grad16 = loss_and_grads(True)
     assert abs(loss16 - loss32) < 0.02
     assert F.cosine_similarity(grad16, grad32, dim=0) > 0.99
+
+
+# ------------------------------------------------------------------------- named attention choice
+def test_default_attention_is_the_named_cpu_bf16_kernel_and_explicit_names_are_kept():
+    config = BilingualGlmConfig.from_preset("tiny")
+    assert BilingualGlmForCausalLM(config).config._attn_implementation == "cpu_bf16_matmul"
+    for name in ("sdpa", "eager"):
+        model = BilingualGlmForCausalLM(BilingualGlmConfig.from_preset("tiny", attn_implementation=name))
+        assert model.config._attn_implementation == name
+
+
+def test_cpu_bf16_kernel_equals_sdpa_where_its_rule_does_not_apply(tiny_model):
+    """fp32 (the rule says SDPA): bit for bit what 'sdpa' gives, with padding and a prefix."""
+    ids = tokens(2, 9)
+    padding = torch.ones(2, 9, dtype=torch.long)
+    padding[1, :2] = 0
+    kwargs = dict(attention_mask=padding, prefix_lengths=torch.tensor([4, 5]))
+    results = []
+    for name in ("cpu_bf16_matmul", "sdpa"):
+        tiny_model.config._attn_implementation = name
+        results.append(tiny_model(ids, **kwargs).logits)
+    assert torch.equal(*results)
+
+
+def test_model_masks_equal_build_attention_mask(tiny_model):
+    """The masks forward builds through masking_utils (eager: additive) are build_attention_mask's."""
+    tiny_model.config._attn_implementation = "eager"
+    padding = torch.ones(2, 7, dtype=torch.long)
+    padding[0, :3] = 0
+    prefix = torch.tensor([2, 5])
+    embeds = torch.zeros(2, 7, tiny_model.config.hidden_size)
+    additive = tiny_model.model._attention_mask(padding, prefix, None, 0, embeds)
+    expected = build_attention_mask(padding, prefix, 2, 7, 0, 7, torch.device("cpu"))
+    assert torch.equal(additive == 0, expected)
+
+
+def test_classifier_pools_by_the_mask_when_pad_is_a_real_token():
+    """GLM-4's pad id is <|endoftext|>: a real last token equal to it must still be the pooled one."""
+    torch.manual_seed(0)
+    config = BilingualGlmConfig.from_preset("tiny", num_labels=2)
+    model = BilingualGlmForSequenceClassification(config).eval()
+    row = tokens(1, 5)
+    row[0, -1] = config.pad_token_id  # the real last token happens to be the pad id
+    ids = F.pad(row, (0, 2), value=config.pad_token_id)
+    mask = F.pad(torch.ones(1, 5, dtype=torch.long), (0, 2))
+    alone = model(row, attention_mask=torch.ones(1, 5, dtype=torch.long)).logits
+    assert torch.allclose(model(ids, attention_mask=mask).logits, alone, atol=1e-5)

@@ -106,6 +106,9 @@ def test_onednn_fp32_path_keeps_parity(overrides, monkeypatch):
     monkeypatch.setattr(kernels, "onednn_fp32_wins", lambda: True)  # whatever this CPU's vendor
     ours = perturbed_model(seed=13, **overrides)
     native = to_transformers_glm(ours)
+    names = list(ours.state_dict())
+    assert kernels.use_onednn_linears(ours) > 0  # the opt-in module swap
+    assert list(ours.state_dict()) == names
     ids = _inputs(ours.config)
     ours_loss = ours(ids, labels=ids, return_logits=False).loss
     native_loss = native(ids, labels=ids).loss
