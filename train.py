@@ -45,7 +45,7 @@ from bilingual_glm.checkpoints import find_checkpoint
 from bilingual_glm.corpora import load_demo_corpus, load_text_files
 from bilingual_glm.data import BlankInfillingCollator, CausalCollator, MlmCollator, pack_causal
 from bilingual_glm.infill import infill
-from bilingual_glm.modeling.kernels_bilingual_glm import cpu_info, fast_bf16
+from bilingual_glm.modeling.kernels_bilingual_glm import cpu_info, fast_bf16, use_onednn_linears
 from bilingual_glm.tokenizer import special_token_ids, train_tokenizer
 
 OBJECTIVES = ("clm", "glm", "mlm")
@@ -492,6 +492,8 @@ def build_model(run: Run, data: RunData) -> tuple[Any, Any, Any, Any]:
     if args.config_overrides:
         config = apply_config_overrides(config, args.config_overrides)
     model = BilingualGlmForCausalLM(config)
+    if accelerator.device.type == "cpu":
+        use_onednn_linears(model)  # opt-in fast path; each call still follows the measured per-CPU rule
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed_tokens" in n]
     optimizer = torch.optim.AdamW(

@@ -71,6 +71,7 @@ from bilingual_glm.modeling.kernels_bilingual_glm import (  # noqa: E402
     cpu_info,
     fast_bf16,
     onednn_fp32_wins,
+    use_onednn_linears,
 )
 
 ROW_NAMES = (
@@ -122,7 +123,13 @@ class BenchArgs:
     pipeline_documents: int | None = field(
         default=None, metadata={"help": "Documents of the embedded corpus to tokenize (default: all)."}
     )
-    attn_implementation: str = field(default="sdpa", metadata={"help": "Attention kernel of both models."})
+    attn_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "Attention kernel of both models; auto: each model's own default (ours: the named "
+            "cpu_bf16_matmul rule, with oneDNN linears as train.py turns them on; native: sdpa)."
+        },
+    )
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's)."})
     peak_size: int | None = field(
         default=None,
@@ -217,15 +224,27 @@ def row(
 
 
 # ------------------------------------------------------------------------------------------ models
+def ours_attention(args: BenchArgs) -> str | None:
+    return None if args.attn_implementation == "auto" else args.attn_implementation
+
+
+def native_attention(args: BenchArgs) -> str:
+    return "sdpa" if args.attn_implementation == "auto" else args.attn_implementation
+
+
 def build_ours(args: BenchArgs, device: torch.device) -> BilingualGlmForCausalLM:
+    """Ours as train.py builds it: its default attention, and the opt-in oneDNN linears on CPU."""
     torch.manual_seed(args.seed)
-    config = BilingualGlmConfig.from_preset(args.preset, attn_implementation=args.attn_implementation)
-    return BilingualGlmForCausalLM(config).to(device)
+    config = BilingualGlmConfig.from_preset(args.preset, attn_implementation=ours_attention(args))
+    model = BilingualGlmForCausalLM(config).to(device)
+    if device.type == "cpu":
+        use_onednn_linears(model)
+    return model
 
 
 def build_native(ours: BilingualGlmForCausalLM, args: BenchArgs) -> GlmForCausalLM:
     native = to_transformers_glm(ours).to(ours.device)
-    native.config._attn_implementation = args.attn_implementation
+    native.config._attn_implementation = native_attention(args)
     return native
 
 
@@ -409,7 +428,7 @@ def _rss_kib(field_name: str) -> int:
 def memory_worker(args: BenchArgs, device: torch.device) -> None:
     """Build one side, run two train steps, print its peak memory above the pre-build baseline as JSON."""
     bf16 = args.mixed_precision == "bf16"
-    config = BilingualGlmConfig.from_preset(args.preset, attn_implementation=args.attn_implementation)
+    config = BilingualGlmConfig.from_preset(args.preset, attn_implementation=ours_attention(args))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         baseline = torch.cuda.memory_allocated(device)
@@ -418,9 +437,11 @@ def memory_worker(args: BenchArgs, device: torch.device) -> None:
     torch.manual_seed(args.seed)
     if args.memory_worker == "ours":
         model: torch.nn.Module = BilingualGlmForCausalLM(config)
+        if device.type == "cpu":
+            use_onednn_linears(model)
     else:
         model = GlmForCausalLM(glm_config_from_ours(config))
-        model.config._attn_implementation = args.attn_implementation
+        model.config._attn_implementation = native_attention(args)
     model.to(device)
     ids = random_ids(args, config.vocab_size, args.batch_size, args.seq_len, device)
     step = train_step(model, {"input_ids": ids, "labels": ids}, device, bf16)
