@@ -124,7 +124,7 @@ def native_loop(output_dir: Path, minutes: float, max_steps: int | None = None, 
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     parameters = sum(p.numel() for p in model.parameters())
-    return {"steps": step, "train_minutes": spent / 60, "parameters": parameters, "final_loss": float(loss)}
+    return {"steps": step, "train_minutes": spent / 60, "parameters": parameters, "final_loss": loss.item()}
 
 
 # ------------------------------------------------------------------------------------------ main
