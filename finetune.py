@@ -63,7 +63,7 @@ from bilingual_glm.data.sentiment import SENTIMENT_DATASET_ID
 from bilingual_glm.data.sft import SftCollator, load_chat_data, pack_chats, tokenize_chat
 from bilingual_glm.metrics import load_metric
 from bilingual_glm.model_card import CardInfo, usage_snippet, write_model_card
-from bilingual_glm.modeling.kernels_bilingual_glm import cpu_info, fast_bf16
+from bilingual_glm.modeling.kernels_bilingual_glm import cpu_info, fast_bf16, use_onednn_linears
 
 logger = logging.getLogger("finetune")
 TASKS = ("classification", "cloze", "sft")
@@ -437,14 +437,19 @@ def apply_lora(model: Any, args: FinetuneArguments, training_args: TrainingArgum
 
 
 def load_model(args: FinetuneArguments, label_names: list[str] | None) -> Any:
+    """The pretrained model; on a CPU-only machine with the opt-in oneDNN linears train.py also uses."""
     if args.task == "classification":
-        return AutoModelForSequenceClassification.from_pretrained(
+        model = AutoModelForSequenceClassification.from_pretrained(
             args.model_name_or_path,
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={name: i for i, name in enumerate(label_names)},
         )
-    return AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+    if not torch.cuda.is_available() and model.config.model_type == "bilingual_glm":
+        use_onednn_linears(model)  # each call still follows the measured per-CPU rule (off on Intel)
+    return model
 
 
 def merge_lora(trainer: FinetuneTrainer, tokenizer: Any, output_dir: Path) -> None:
