@@ -298,8 +298,9 @@ AUTO_MAP = {
 }
 # The sibling modules an exported folder holds next to the config (the model imports the other two).
 REMOTE_CODE_MODULES = ("modeling_bilingual_glm", "utils_bilingual_glm", "kernels_bilingual_glm")
-_PACKAGE_IMPORT = "from ..configuration.configuration_bilingual_glm import BilingualGlmConfig"
 _FLAT_IMPORT = "from .configuration_bilingual_glm import BilingualGlmConfig"
+# Built, not written out, so that re-exporting a flat file finds nothing to rewrite in its own text.
+_PACKAGE_IMPORT = _FLAT_IMPORT.replace("from .", "from ..configuration.", 1)
 
 
 def write_remote_code(save_directory: str | os.PathLike) -> None:
