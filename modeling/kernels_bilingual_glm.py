@@ -5,7 +5,7 @@
   of MKL's sgemm, where that wins. ``torch.ops.mkldnn._linear_pointwise`` is private, so it is probed once
   and ``F.linear`` is the (tested) fallback.
 - ``matmul_attention_forward`` + ``use_matmul_attention``: the body and rule of the attention
-  ``modeling_bilingual_glm`` registers as ``attn_implementation="cpu_bf16_matmul"``: SDPA's contract on CPU
+  ``utils_bilingual_glm`` registers as ``attn_implementation="cpu_bf16_matmul"``: SDPA's contract on CPU
   under bf16 as two bf16 matmuls (torch's CPU flash kernel computes in fp32 whatever the input dtype).
 - ``linear_cross_entropy``: ``lm_head`` + cross-entropy a chunk of rows at a time, never the ``[N, V]``
   logits.

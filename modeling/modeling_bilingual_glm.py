@@ -1,48 +1,36 @@
-"""BilingualGlm: the GLM-4 block with the original GLM's autoregressive blank infilling, in one file.
+"""BilingualGlm: the GLM-4 block with the original GLM's autoregressive blank infilling.
 
-Architecture choices (read top to bottom: norm → rotary → attention → MLP → layer → PreTrainedModel →
-Model → heads):
+Read top to bottom: norm → rotary → attention → MLP → layer → PreTrainedModel → Model → heads.
 
 - RMSNorm (fp32 statistics), pre-norm residuals, a final norm — GLM-4 / ChatGLM2+.
 - Grouped-query attention with bias on q/k/v only, ``o_proj`` without bias.
 - SwiGLU MLP with one fused ``gate_up_proj`` (gate first) and ``down_proj``.
-- Optional GLM-4-0414 "sandwich" norms (``config.sandwich_norms``): an RMSNorm on each sublayer's output
-  before its residual add, as transformers' ``glm4``.
+- Optional GLM-4-0414 "sandwich" norms (``config.sandwich_norms``), as transformers' ``glm4``.
 - Partial, *interleaved* rotary embedding (GLM-4 convention) extended to GLM's 2D positions: the first
   rotary slice of each head follows the token position, the next slice the block position.
-- Prefix ("Part A") attention: a per-row prefix length opens the first columns to every query, giving
-  GLM's bidirectional context, or a full bidirectional encoder when the prefix is the whole row.
+- Prefix ("Part A") attention: a per-row prefix length opens the first columns to every query.
 
 With 1D positions (or block positions all zero) and no prefix this is exactly transformers' native
 ``GlmForCausalLM`` (``Glm4ForCausalLM`` with sandwich norms), weight name for weight name;
 ``bilingual_glm.conversion`` moves checkpoints both ways.
 
-CPU fast paths are opt-in and named, at transformers' extension points (bodies in ``kernels_bilingual_glm.py``):
-
-- ``attn_implementation="cpu_bf16_matmul"``, registered with ``AttentionInterface``: SDPA, except on a CPU
-  with native bf16 under bf16 compute, where it is two bf16 matmuls (``use_matmul_attention`` is the rule).
-  It is the default when no ``attn_implementation`` is asked for; ``"sdpa"``, ``"eager"``, flash and flex
-  run exactly those kernels.
-- ``use_onednn_linears(model)``: a module swap to oneDNN fp32 linears (they win on AMD CPUs), for the user
-  or ``train.py`` to turn on.
-- the loss: ``lm_head`` + cross-entropy a chunk of rows at a time, on supervised positions only.
-
-This file ships as Hub remote code, so it imports only public transformers API.
+CPU fast paths are opt-in and named (bodies in ``kernels_bilingual_glm.py``): the default
+``attn_implementation="cpu_bf16_matmul"`` (SDPA, or two bf16 matmuls on a CPU with native bf16 under bf16
+compute), ``use_onednn_linears(model)`` (a module swap), and a chunked ``lm_head`` + cross-entropy loss.
+Masks, input checks and export live in ``utils_bilingual_glm.py``. All three files ship as Hub remote
+code, so they import only public transformers API.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
-import tempfile
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AttentionInterface, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import AttentionMaskInterface, create_causal_mask, sdpa_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -52,17 +40,19 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..configuration.configuration_bilingual_glm import BilingualGlmConfig  # flat in exported folders
-from .kernels_bilingual_glm import (
-    is_plain_linear,
-    linear_cross_entropy,
-    matmul_attention_forward,
-    use_matmul_attention,
+from .kernels_bilingual_glm import use_onednn_linears  # transformers 4.x copies only direct relative imports
+from .utils_bilingual_glm import (  # masks, input checks, export: the support code
+    AUTO_MAP,
+    CACHE_FIELD,
+    CPU_BF16_ATTENTION,
+    attention_mask_for,
+    build_attention_mask,
+    causal_lm_loss,
+    check_positions,
+    check_token_ids,
+    default_position_ids,
+    write_remote_code,
 )
-
-# transformers 5.x renamed the outputs' `past_key_values` field to `cache`.
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-# ... and create_causal_mask's (input_embeds, cache_position, past_key_values) to (inputs_embeds, cache).
-_MASK_TAKES_CACHE_POSITION = "cache_position" in inspect.signature(create_causal_mask).parameters
 
 
 # --------------------------------------------------------------------------------------------- norm
@@ -172,30 +162,6 @@ def eager_attention_forward(
     return output.transpose(1, 2).contiguous(), weights  # [B, Tq, H, D]
 
 
-CPU_BF16_ATTENTION = "cpu_bf16_matmul"
-
-
-def cpu_bf16_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``attn_implementation="cpu_bf16_matmul"``: transformers' SDPA, except where ``use_matmul_attention``
-    holds (a CPU with native bf16, bf16 compute, no dropout, a causal or bool mask, not decoding): there two
-    bf16 matmuls (``matmul_attention_forward``), 1.3-3x faster than torch's CPU flash kernel, which computes
-    in fp32. Masks are SDPA's (registered with ``AttentionMaskInterface`` under the same name)."""
-    if use_matmul_attention(module, query, key, attention_mask):
-        return matmul_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
-
-
-AttentionInterface.register(CPU_BF16_ATTENTION, cpu_bf16_attention_forward)
-AttentionMaskInterface.register(CPU_BF16_ATTENTION, sdpa_mask)
-
-
 class BilingualGlmAttention(nn.Module):
     """GQA self-attention with q/k/v bias; the kernel comes from transformers' attention registry."""
 
@@ -232,19 +198,11 @@ class BilingualGlmAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        implementation = self.config._attn_implementation or "eager"
-        attention = eager_attention_forward
-        if implementation != "eager":
-            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        kernel = self.config._attn_implementation or "eager"
+        attention = eager_attention_forward if kernel == "eager" else ALL_ATTENTION_FUNCTIONS[kernel]
+        dropout = self.attention_dropout if self.training else 0.0
         output, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling,
-            **kwargs,
+            self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
         )
         output = output.reshape(*hidden_states.shape[:-1], -1).contiguous()  # [B, T, H*D]
         return self.o_proj(output), weights
@@ -265,13 +223,6 @@ class BilingualGlmMLP(nn.Module):
 
 
 # -------------------------------------------------------------------------------------------- layer
-def _sandwich_norm(config: BilingualGlmConfig) -> nn.Module:
-    """A GLM-4-0414 post-sublayer RMSNorm when ``config.sandwich_norms``, else a weightless identity."""
-    if config.sandwich_norms:
-        return BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-    return nn.Identity()
-
-
 class BilingualGlmDecoderLayer(GradientCheckpointingLayer):
     """Pre-norm block; with ``sandwich_norms`` each sublayer's output is normed again before its add::
 
@@ -287,8 +238,11 @@ class BilingualGlmDecoderLayer(GradientCheckpointingLayer):
         self.mlp = BilingualGlmMLP(config)
         self.input_layernorm = BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_self_attn_layernorm = _sandwich_norm(config)
-        self.post_mlp_layernorm = _sandwich_norm(config)
+        if config.sandwich_norms:
+            self.post_self_attn_layernorm = BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.post_mlp_layernorm = BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        else:
+            self.post_self_attn_layernorm, self.post_mlp_layernorm = nn.Identity(), nn.Identity()
 
     def forward(
         self,
@@ -307,68 +261,7 @@ class BilingualGlmDecoderLayer(GradientCheckpointingLayer):
         return hidden_states, weights
 
 
-# ------------------------------------------------------------------------------------ masks, positions
-def prefix_mask_function(prefix_lengths: torch.Tensor) -> Any:
-    """GLM's open prefix as a ``masking_utils`` mask function (``or_mask_function``): key columns
-    ``< prefix_lengths[b]`` are visible to every query of row ``b`` (Part A is bidirectional)."""
-
-    def visible(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
-        return kv_idx < prefix_lengths[batch_idx]
-
-    return visible
-
-
-def padding_mask_function(padding_mask: torch.Tensor) -> Any:
-    """Padding as a mask function (``and_mask_function``): a key is hidden if it is padding, or beyond the
-    mask (a static cache's spare slots), except to its own query, so no softmax row is ever empty.
-
-    transformers' own padding function has no such exception (and needs the mask padded to the key length),
-    so forward passes the padding mask through this one instead."""
-    keys = padding_mask.bool()
-    last = keys.shape[-1] - 1
-
-    def visible(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
-        real = keys[batch_idx, kv_idx.clamp(max=last)] & (kv_idx <= last)
-        return real | (kv_idx == q_idx)
-
-    return visible
-
-
-def build_attention_mask(
-    padding_mask: torch.Tensor | None,
-    prefix_lengths: torch.Tensor | None,
-    batch: int,
-    q_len: int,
-    past_len: int,
-    kv_len: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """Boolean ``[B, 1, Tq, Tk]`` mask (True = may attend): the model's mask functions on index grids.
-
-    Key ``j`` is visible to the query at absolute position ``i`` iff ``j <= i or j < prefix``, and ``j`` is
-    not padding. ``prefix_lengths=3``, 6 tokens::
-
-                 keys 0 1 2 3 4 5
-        query 0       1 1 1 . . .     Part A (0..2): bidirectional among itself,
-        query 1       1 1 1 . . .     cannot see Part B
-        query 2       1 1 1 . . .
-        query 3       1 1 1 1 . .     Part B: sees all of Part A, causal within itself
-        query 4       1 1 1 1 1 .
-        query 5       1 1 1 1 1 1
-
-    A query whose own key is padding still sees itself, so no softmax row is empty (no NaNs).
-    """
-    batch_idx = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-    q_idx = torch.arange(past_len, past_len + q_len, device=device).view(1, 1, -1, 1)
-    kv_idx = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
-    visible = kv_idx <= q_idx
-    if prefix_lengths is not None:
-        visible = visible | prefix_mask_function(prefix_lengths.to(device))(batch_idx, 0, q_idx, kv_idx)
-    if padding_mask is not None:
-        visible = visible & padding_mask_function(padding_mask.to(device))(batch_idx, 0, q_idx, kv_idx)
-    return visible.expand(batch, 1, q_len, kv_len)
-
-
+# ---------------------------------------------------------------------------------------- positions
 def span_position_ids(
     mask_position: torch.Tensor | int, first_block: torch.Tensor | int, length: int
 ) -> torch.Tensor:
@@ -384,25 +277,6 @@ def span_position_ids(
     steps = torch.arange(length, device=mask_position.device)  # [N]
     rows = torch.broadcast_tensors(mask_position.expand(-1, length), first_block + steps)  # 2 × [B, N]
     return torch.stack(rows, dim=1)  # [B, 2, N]
-
-
-def _kv_length(cache: Cache | None, past_len: int, q_len: int) -> int:
-    """Key length a 4D mask must cover (a static cache attends over its whole preallocated length)."""
-    if cache is None:
-        return past_len + q_len
-    if _MASK_TAKES_CACHE_POSITION:  # transformers 4.57 / 5.0: (cache_position, layer_idx)
-        return int(cache.get_mask_sizes(torch.arange(past_len, past_len + q_len), 0)[0])
-    return int(cache.get_mask_sizes(q_len, 0)[0])  # later 5.x: (query_length, layer_idx)
-
-
-def _default_position_ids(
-    padding_mask: torch.Tensor | None, past_len: int, q_len: int, device: torch.device
-) -> torch.Tensor:
-    """Positions from the padding mask, so left-padded rows start at 0 like their unpadded selves."""
-    if padding_mask is None:
-        return torch.arange(past_len, past_len + q_len, device=device)[None]  # [1, T]
-    positions = padding_mask.long().cumsum(-1) - 1  # [B, past + T]
-    return positions.clamp(min=0)[:, -q_len:].to(device)
 
 
 # -------------------------------------------------------------------------------- PreTrainedModel
@@ -426,12 +300,10 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
         | weight                                                 | init                        |
         |--------------------------------------------------------|-----------------------------|
         | every ``nn.Linear`` weight (q/k/v/o, gate_up, down,    | normal(0, initializer_range)|
-        |   lm_head, score)                                      |                             |
+        |   lm_head, score) and ``embed_tokens``                 |                             |
         | q/k/v biases                                           | zeros                       |
-        | ``embed_tokens``                                       | normal(0, initializer_range)|
-        | RMSNorm weights (input, post_attention, final norm)    | ones                        |
-        | sandwich norms ``post_self_attn_layernorm``,           | ones                        |
-        |   ``post_mlp_layernorm`` (``sandwich_norms`` only)     |                             |
+        | RMSNorm weights (input, post_attention, final norm,    | ones                        |
+        |   sandwich norms when ``sandwich_norms``)              |                             |
         | rotary ``inv_freq`` (non-persistent buffer)            | recomputed from rope_theta  |
         """
         std = self.config.initializer_range
@@ -455,10 +327,7 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
         return CPU_BF16_ATTENTION if requested_attention is None and resolved == "sdpa" else resolved
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """Also write the code as flat files and an ``auto_map``: the folder then loads anywhere.
-
-        ``push_to_hub`` goes through here too, so what is uploaded is exactly this self-contained folder.
-        """
+        """Also write the code as flat files and an ``auto_map`` (``push_to_hub`` too): it loads anywhere."""
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
@@ -481,12 +350,6 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -506,7 +369,7 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
         position_ids (`[B, T]` or `[B, 2, T]`): token positions, optionally with GLM block positions as
             row 1. Default: counted from ``attention_mask`` (left padding safe) and the cache length.
         prefix_lengths (`[B]`): key columns ``< prefix_lengths[b]`` are visible to every query of row ``b``
-            (GLM Part A). Columns count from the start of the whole sequence, cache included.
+            (GLM Part A; diagram in ``build_attention_mask``). Columns count from the start, cache included.
         cache / past_key_values: a transformers ``Cache`` (``DynamicCache``, ``StaticCache``).
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -515,18 +378,16 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         past_len = cache.get_seq_length() if cache is not None else 0
         if input_ids is not None and past_len == 0:
-            self._check_token_ids(input_ids)  # prefill and training only: decoding steps stay sync-free
+            check_token_ids(self.config, input_ids)  # prefill and training only: decoding stays sync-free
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache()
         batch, q_len, _ = inputs_embeds.shape
-
-        mask = self._attention_mask(attention_mask, prefix_lengths, cache, past_len, inputs_embeds)
+        mask = attention_mask_for(self.config, attention_mask, prefix_lengths, cache, past_len, inputs_embeds)
         if position_ids is None:
-            padding = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-            position_ids = _default_position_ids(padding, past_len, q_len, inputs_embeds.device)
-        self._check_positions(position_ids, batch, q_len, check_values=past_len == 0)
+            position_ids = default_position_ids(attention_mask, past_len, q_len, inputs_embeds.device)
+        check_positions(self.config, position_ids, batch, q_len, check_values=past_len == 0)
         position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
         hidden_states, all_hidden, all_attentions = self._run_layers(
             inputs_embeds, position_embeddings, mask, cache, output_hidden_states, output_attentions, kwargs
@@ -535,7 +396,7 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
             last_hidden_state=hidden_states,
             hidden_states=all_hidden or None,
             attentions=all_attentions or None,
-            **{_CACHE_FIELD: cache if use_cache else None},
+            **{CACHE_FIELD: cache if use_cache else None},
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -566,107 +427,6 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
             all_hidden += (hidden_states,)
         return hidden_states, all_hidden, all_attentions
 
-    def _attention_mask(
-        self,
-        attention_mask: torch.Tensor | None,
-        prefix_lengths: torch.Tensor | None,
-        cache: Cache | None,
-        past_len: int,
-        inputs_embeds: torch.Tensor,
-    ) -> Any:
-        """``masking_utils.create_causal_mask`` in the form the chosen kernel wants (None for plain causal
-        SDPA, bool for SDPA, additive for eager, a BlockMask for flex), with GLM's prefix as its
-        ``or_mask_function`` and padding as its ``and_mask_function`` (``padding_mask_function``)."""
-        batch, q_len = inputs_embeds.shape[:2]
-        if attention_mask is not None and attention_mask.dim() == 4:
-            self._check_4d_mask(attention_mask, batch, q_len, _kv_length(cache, past_len, q_len))
-            return attention_mask  # a ready custom mask is used as given
-        implementation = self.config._attn_implementation or "eager"
-        if prefix_lengths is not None:
-            prefix_lengths = self._check_prefix(prefix_lengths, batch, q_len, past_len, inputs_embeds.device)
-        if attention_mask is not None and bool(attention_mask.all()):
-            attention_mask = None  # no padding: the plain causal mask (None where the kernel allows)
-        functions = {}
-        if prefix_lengths is not None:
-            functions["or_mask_function"] = prefix_mask_function(prefix_lengths)
-        if attention_mask is not None and "flash" not in implementation:  # flash takes the 2D mask itself
-            functions["and_mask_function"] = padding_mask_function(attention_mask.to(inputs_embeds.device))
-            attention_mask = None
-        if _MASK_TAKES_CACHE_POSITION:
-            positions = torch.arange(past_len, past_len + q_len, device=inputs_embeds.device)
-            return create_causal_mask(
-                self.config, inputs_embeds, attention_mask, positions, cache, **functions
-            )
-        # position_ids stay out: GLM's repeated Part-B positions would read as packed sequences.
-        return create_causal_mask(self.config, inputs_embeds, attention_mask, cache, **functions)
-
-    def _check_prefix(
-        self, prefix_lengths: Any, batch: int, q_len: int, past_len: int, device: torch.device
-    ) -> torch.Tensor:
-        """Shape and range of ``prefix_lengths``; flash kernels are causal-only and cannot honour one."""
-        if "flash" in (self.config._attn_implementation or ""):
-            raise ValueError(
-                "prefix_lengths: flash attention kernels are causal-only; load the model with "
-                "attn_implementation='sdpa', 'eager' or 'flex_attention' for GLM prefix attention"
-            )
-        prefix_lengths = torch.as_tensor(prefix_lengths, device=device)
-        if prefix_lengths.shape != (batch,):
-            raise ValueError(
-                f"prefix_lengths must have shape [batch]=[{batch}], got {tuple(prefix_lengths.shape)}"
-            )
-        if past_len == 0 and (int(prefix_lengths.min()) < 0 or int(prefix_lengths.max()) > q_len):
-            raise ValueError(
-                f"prefix_lengths must be in [0, sequence length={q_len}], got {prefix_lengths.tolist()}"
-            )
-        return prefix_lengths
-
-    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
-        """An id outside the vocabulary would fail deep in the embedding lookup (or silently on GPU)."""
-        if input_ids.numel() == 0:
-            return
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"input_ids: token id {bad} is outside [0, vocab_size={self.config.vocab_size}); "
-                "does the tokenizer match this model?"
-            )
-
-    @staticmethod
-    def _check_4d_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> None:
-        if mask.shape[0] not in (1, batch) or mask.shape[2] != q_len or mask.shape[3] != kv_len:
-            raise ValueError(
-                f"attention_mask: a 4D mask must be [batch={batch} or 1, 1 or heads, {q_len}, {kv_len}], "
-                f"got {tuple(mask.shape)}"
-            )
-
-    def _check_positions(
-        self, position_ids: torch.Tensor, batch: int, q_len: int, check_values: bool
-    ) -> None:
-        """Shapes always; values (one sync) only when not decoding. 2D positions need a second slice."""
-        if position_ids.shape[-1] != q_len or position_ids.shape[0] not in (1, batch):
-            raise ValueError(
-                f"position_ids must be [batch={batch}, {q_len}] or [batch, 2, {q_len}], "
-                f"got shape {tuple(position_ids.shape)}"
-            )
-        if check_values and position_ids.numel() and int(position_ids.min()) < 0:
-            raise ValueError(f"position_ids must be >= 0, got minimum {int(position_ids.min())}")
-        if position_ids.dim() == 3:
-            if position_ids.shape[1] != 2:
-                raise ValueError(
-                    f"position_ids must be [B, T] or [B, 2, T] (position, block position); "
-                    f"got shape {tuple(position_ids.shape)}"
-                )
-            if 2 * self.config.rotary_dim > self.config.head_dim:
-                raise ValueError(
-                    "position_ids: 2D (block) positions need partial_rotary_factor <= 0.5 so that a second "
-                    f"rotary slice fits in head_dim; this config has {self.config.partial_rotary_factor}"
-                )
-        elif position_ids.dim() != 2:
-            raise ValueError(
-                f"position_ids must be [B, T] or [B, 2, T], got shape {tuple(position_ids.shape)}"
-            )
-
 
 # ------------------------------------------------------------------------------------------- heads
 def _keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
@@ -674,6 +434,17 @@ def _keep(hidden_states: torch.Tensor, logits_to_keep: int | torch.Tensor) -> to
     if isinstance(logits_to_keep, int):
         return hidden_states if logits_to_keep == 0 else hidden_states[:, -logits_to_keep:]
     return hidden_states[:, logits_to_keep]
+
+
+def _head_output(cls: type, body: BaseModelOutputWithPast, return_dict: bool | None, **fields: Any) -> Any:
+    """A head's output: its own fields plus the body's hidden states, attentions and cache."""
+    output = cls(
+        hidden_states=body.hidden_states,
+        attentions=body.attentions,
+        **{CACHE_FIELD: getattr(body, CACHE_FIELD)},
+        **fields,
+    )
+    return output if return_dict is not False else output.to_tuple()
 
 
 class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
@@ -685,18 +456,6 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
 
     def forward(
         self,
@@ -724,56 +483,16 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
+        cache = cache if cache is not None else past_key_values
         outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            prefix_lengths=prefix_lengths,
-            cache=cache if cache is not None else past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            return_dict=True,
-            **kwargs,
+            input_ids, attention_mask, position_ids, prefix_lengths, cache, inputs_embeds, use_cache, **kwargs
         )
         hidden_states = outputs.last_hidden_state
         loss = None
         if labels is not None or shift_labels is not None:
-            if shift_labels is None:
-                shift_labels = F.pad(labels[:, 1:], (0, 1), value=-100)  # [B, T]: target of each position
-            loss = self._supervised_loss(hidden_states, shift_labels, num_items_in_batch)
-        logits = None
-        if return_logits or loss is None:
-            logits = self.lm_head(_keep(hidden_states, logits_to_keep))
-        output = CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
-        )
-        return output if return_dict is not False else output.to_tuple()
-
-    def _supervised_loss(
-        self, hidden_states: torch.Tensor, shift_labels: torch.Tensor, num_items_in_batch: Any
-    ) -> torch.Tensor:
-        """Cross-entropy over supervised positions only: the vocabulary projection runs on those rows.
-
-        A plain ``lm_head`` goes through ``linear_cross_entropy`` (chunks of rows, never the full logits);
-        a wrapped one (LoRA, quantized, hooked) through its own forward and full logits.
-        """
-        shift_labels = shift_labels.to(hidden_states.device)
-        supervised = shift_labels != -100  # [B, T]
-        hidden, targets = hidden_states[supervised], shift_labels[supervised]  # [N, d], [N]
-        head = self.lm_head
-        if is_plain_linear(head) and head.bias is None:
-            loss = linear_cross_entropy(hidden, head.weight, targets)
-        else:
-            loss = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-        if num_items_in_batch is None:
-            num_items_in_batch = supervised.sum().clamp(min=1)
-        if torch.is_tensor(num_items_in_batch):
-            num_items_in_batch = num_items_in_batch.to(loss.device)
-        return loss / num_items_in_batch
+            loss = causal_lm_loss(self.lm_head, hidden_states, labels, shift_labels, num_items_in_batch)
+        logits = self.lm_head(_keep(hidden_states, logits_to_keep)) if return_logits or loss is None else None
+        return _head_output(CausalLMOutputWithPast, outputs, return_dict, loss=loss, logits=logits)
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Keep the 2D padding mask for static caches too: forward builds its own (prefix-aware) mask."""
@@ -812,11 +531,9 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
 class BilingualGlmForSequenceClassification(BilingualGlmPreTrainedModel):
     """Classifies from the hidden state of each row's last real token (left or right padding).
 
-    Not transformers' ``GenericForSequenceClassification``: that one finds the last token by searching
-    ``pad_token_id`` in ``input_ids`` (wrong for GLM-4, whose pad id is ``<|endoftext|>``, a real token, and
-    blind with ``inputs_embeds``) and builds its body with ``AutoModel.from_config``, which asks for
-    ``trust_remote_code`` again inside exported folders. Here the attention mask decides.
-    """
+    Not transformers' ``GenericForSequenceClassification``: it finds the last token by ``pad_token_id``
+    (a real token in GLM-4, and blind with ``inputs_embeds``) and builds its body with
+    ``AutoModel.from_config`` (``trust_remote_code`` again in exported folders); here the mask decides."""
 
     accepts_loss_kwargs = False  # mean loss: Trainer must scale it for gradient accumulation itself
 
@@ -826,12 +543,6 @@ class BilingualGlmForSequenceClassification(BilingualGlmPreTrainedModel):
         self.model = BilingualGlmModel(config)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
 
     def forward(
         self,
@@ -848,15 +559,7 @@ class BilingualGlmForSequenceClassification(BilingualGlmPreTrainedModel):
     ) -> SequenceClassifierOutputWithPast | tuple:
         kwargs.pop("num_items_in_batch", None)
         outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            prefix_lengths=prefix_lengths,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            return_dict=True,
-            **kwargs,
+            input_ids, attention_mask, position_ids, prefix_lengths, cache, inputs_embeds, use_cache, **kwargs
         )
         logits = self.score(outputs.last_hidden_state)  # [B, T, num_labels]
         last = self._last_token_index(input_ids, attention_mask, logits.shape[:2])
@@ -866,14 +569,9 @@ class BilingualGlmForSequenceClassification(BilingualGlmPreTrainedModel):
             loss = self.loss_function(
                 logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config
             )
-        output = SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=pooled_logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            **{_CACHE_FIELD: getattr(outputs, _CACHE_FIELD)},
+        return _head_output(
+            SequenceClassifierOutputWithPast, outputs, return_dict, loss=loss, logits=pooled_logits
         )
-        return output if return_dict is not False else output.to_tuple()
 
     def _last_token_index(
         self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, shape: torch.Size
@@ -890,45 +588,12 @@ class BilingualGlmForSequenceClassification(BilingualGlmPreTrainedModel):
         return (columns * real).argmax(-1)
 
 
-# ----------------------------------------------------------------------------------- remote code
-AUTO_MAP = {
-    "AutoConfig": "configuration_bilingual_glm.BilingualGlmConfig",
-    "AutoModel": "modeling_bilingual_glm.BilingualGlmModel",
-    "AutoModelForCausalLM": "modeling_bilingual_glm.BilingualGlmForCausalLM",
-    "AutoModelForSequenceClassification": "modeling_bilingual_glm.BilingualGlmForSequenceClassification",
-}
-_PACKAGE_IMPORT = "from ..configuration.configuration_bilingual_glm import BilingualGlmConfig"
-_FLAT_IMPORT = "from .configuration_bilingual_glm import BilingualGlmConfig"
-
-
-def write_remote_code(save_directory: str | os.PathLike) -> None:
-    """Write this file, its kernels and the config file side by side, the config import made flat.
-
-    transformers' ``custom_object_save`` copies only same-folder relative imports, and the package keeps
-    the config in a separate folder, so the export writes all three itself (atomically: temp, rename).
-    """
-    sources = {
-        "modeling_bilingual_glm.py": inspect.getsource(inspect.getmodule(BilingualGlmPreTrainedModel)),
-        "configuration_bilingual_glm.py": inspect.getsource(inspect.getmodule(BilingualGlmConfig)),
-        "kernels_bilingual_glm.py": inspect.getsource(inspect.getmodule(linear_cross_entropy)),
-    }
-    sources["modeling_bilingual_glm.py"] = sources["modeling_bilingual_glm.py"].replace(
-        _PACKAGE_IMPORT, _FLAT_IMPORT, 1
-    )
-    os.makedirs(save_directory, exist_ok=True)
-    for name, text in sources.items():
-        handle, tmp_path = tempfile.mkstemp(dir=save_directory, prefix=f".{name}.", suffix=".tmp")
-        with os.fdopen(handle, "w", encoding="utf-8") as tmp:
-            tmp.write(text)
-        os.chmod(tmp_path, 0o644)
-        os.replace(tmp_path, os.path.join(save_directory, name))
-
-
 __all__ = [
     "BilingualGlmPreTrainedModel",
     "BilingualGlmModel",
     "BilingualGlmForCausalLM",
     "BilingualGlmForSequenceClassification",
     "build_attention_mask",
+    "use_onednn_linears",
     "write_remote_code",
 ]

@@ -116,6 +116,7 @@ def test_push_to_hub_uploads_exactly_the_self_contained_folder(tmp_path, monkeyp
         "kernels_bilingual_glm.py",
         "model.safetensors",
         "modeling_bilingual_glm.py",
+        "utils_bilingual_glm.py",
     ]
     write_expectations(model, tmp_path / "expected.pt")
     check_without_package(uploaded, tmp_path / "expected.pt", tmp_path)

@@ -16,6 +16,7 @@ import bilingual_glm
 from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM, BilingualGlmForSequenceClassification
 from bilingual_glm.modeling import kernels_bilingual_glm as kernels
 from bilingual_glm.modeling.modeling_bilingual_glm import build_attention_mask
+from bilingual_glm.modeling.utils_bilingual_glm import attention_mask_for
 
 from .conftest import perturbed_model
 
@@ -575,7 +576,7 @@ def test_model_masks_equal_build_attention_mask(tiny_model):
     padding[0, :3] = 0
     prefix = torch.tensor([2, 5])
     embeds = torch.zeros(2, 7, tiny_model.config.hidden_size)
-    additive = tiny_model.model._attention_mask(padding, prefix, None, 0, embeds)
+    additive = attention_mask_for(tiny_model.config, padding, prefix, None, 0, embeds)
     expected = build_attention_mask(padding, prefix, 2, 7, 0, 7, torch.device("cpu"))
     assert torch.equal(additive == 0, expected)
 
