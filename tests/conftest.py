@@ -28,6 +28,23 @@ def load_script(path: Path, name: str | None = None) -> ModuleType:
     return module
 
 
+def hand_built_native_config(config_class: type, rope_theta: float) -> object:
+    """A native Glm/Glm4 config written the way a user would (theta in rope_parameters, GQA 6/2, head_dim
+    8 != 48/6, a list of eos ids): the conversion must read every field from transformers' own layout."""
+    return config_class(
+        vocab_size=300,
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5},
+        pad_token_id=0,
+        eos_token_id=[1, 2],
+    )
+
+
 # Shapes varied across the parity tests: GQA ratios, tied/untied, head_dim != hidden/heads.
 RANDOM_CONFIGS = [
     dict(),

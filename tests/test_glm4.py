@@ -22,7 +22,7 @@ from bilingual_glm.conversion import (
 from bilingual_glm.infill import infill
 
 from . import test_modeling as plain
-from .conftest import RANDOM_CONFIGS, perturbed_model
+from .conftest import RANDOM_CONFIGS, hand_built_native_config, perturbed_model
 from .test_export import check_without_package, write_expectations
 
 TOLERANCE = 1e-5
@@ -117,18 +117,7 @@ def test_native_glm4_to_ours_logits_and_greedy(overrides):
 
 def test_native_glm4_from_its_own_config_converts():
     """A Glm4Config built by hand (theta in rope_parameters, GQA 6/2, head_dim 8 != 48/6) converts exactly."""
-    config = Glm4Config(
-        vocab_size=300,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=8,
-        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
-        pad_token_id=0,
-        eos_token_id=[1, 2],
-    )
+    config = hand_built_native_config(Glm4Config, rope_theta=1e4)
     torch.manual_seed(0)
     native = Glm4ForCausalLM(config).eval()
     with torch.no_grad():

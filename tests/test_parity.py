@@ -7,7 +7,7 @@ from transformers import GlmConfig, GlmForCausalLM
 from bilingual_glm.conversion import KEY_MAP, from_transformers_glm, main, to_transformers_glm
 from bilingual_glm.modeling import kernels_bilingual_glm as kernels
 
-from .conftest import RANDOM_CONFIGS, perturbed_model
+from .conftest import RANDOM_CONFIGS, hand_built_native_config, perturbed_model
 
 TOLERANCE = 1e-5
 
@@ -48,18 +48,7 @@ def test_native_to_ours_logits(overrides):
 
 def test_native_model_from_its_own_config_converts():
     """A GlmConfig built by hand (rope theta in rope_parameters, GQA) round-trips exactly."""
-    config = GlmConfig(
-        vocab_size=300,
-        hidden_size=48,
-        intermediate_size=80,
-        num_hidden_layers=2,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=8,
-        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5},
-        pad_token_id=0,
-        eos_token_id=[1, 2],
-    )
+    config = hand_built_native_config(GlmConfig, rope_theta=5e6)
     torch.manual_seed(0)
     native = GlmForCausalLM(config).eval()
     ours = from_transformers_glm(native)
