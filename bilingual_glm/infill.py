@@ -21,6 +21,14 @@ from .modeling.modeling_bilingual_glm import span_position_ids
 from .tokenizer import check_tokenizer_matches
 
 
+def _blank_token_ids(config: Any) -> set[int]:
+    """The ids that mark a blank; infilling also needs ``<sop>``/``<eop>`` to open and close each span."""
+    mask_ids = {config.mask_token_id, config.smask_token_id, config.gmask_token_id} - {None}
+    if config.sop_token_id is None or config.eop_token_id is None or not mask_ids:
+        raise ValueError("model.config needs sop_token_id, eop_token_id and mask token ids for infilling")
+    return mask_ids
+
+
 def infill(
     model: Any,
     tokenizer: Any,
@@ -32,9 +40,7 @@ def infill(
     """Return ``text`` with each blank replaced by a generated span (greedy unless told otherwise)."""
     config = model.config
     check_tokenizer_matches(config, tokenizer)
-    mask_ids = {config.mask_token_id, config.smask_token_id, config.gmask_token_id} - {None}
-    if config.sop_token_id is None or config.eop_token_id is None or not mask_ids:
-        raise ValueError("model.config needs sop_token_id, eop_token_id and mask token ids for infilling")
+    mask_ids = _blank_token_ids(config)
     part_a = tokenizer(text, add_special_tokens=False)["input_ids"]
     blanks = [index for index, token in enumerate(part_a) if token in mask_ids]
     device = next(model.parameters()).device

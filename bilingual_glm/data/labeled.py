@@ -23,6 +23,20 @@ def _label_names(splits: dict[str, datasets.Dataset], label_column: str) -> list
     return [str(value) for value in values]
 
 
+def _read_splits(
+    files: dict[str, str | None], dataset_name: str | None, dataset_config: str | None
+) -> tuple[dict[str, datasets.Dataset], dict[str, str]]:
+    """The raw splits, from the files when a train file is given, else from ``dataset_name``, and the name of
+    each split's source for error messages."""
+    if files["train"] is not None:
+        splits = {split: read_file(path, ROW_SUFFIXES) for split, path in files.items() if path is not None}
+        return splits, {split: str(path) for split, path in files.items() if path is not None}
+    splits = hub_splits(dataset_name, dataset_config)
+    if "train" not in splits:
+        raise ValueError(f"--dataset_name {dataset_name}: no 'train' split (splits: {sorted(splits)})")
+    return splits, {split: f"--dataset_name {dataset_name} [{split}]" for split in splits}
+
+
 def load_labeled_data(
     train_file: str | None = None,
     validation_file: str | None = None,
@@ -43,15 +57,8 @@ def load_labeled_data(
     """
     if train_file is None and dataset_name is None:
         return sentiment_splits(seed=seed), list(SENTIMENT_LABELS)
-    if train_file is not None:
-        files = {"train": train_file, "validation": validation_file, "test": test_file}
-        splits = {split: read_file(path, ROW_SUFFIXES) for split, path in files.items() if path is not None}
-        sources = {split: str(path) for split, path in files.items() if path is not None}
-    else:
-        splits = hub_splits(dataset_name, dataset_config)
-        if "train" not in splits:
-            raise ValueError(f"--dataset_name {dataset_name}: no 'train' split (splits: {sorted(splits)})")
-        sources = {split: f"--dataset_name {dataset_name} [{split}]" for split in splits}
+    files = {"train": train_file, "validation": validation_file, "test": test_file}
+    splits, sources = _read_splits(files, dataset_name, dataset_config)
     for split, dataset in splits.items():
         require_columns(dataset, sources[split], {"text": text_column, "label": label_column})
     if "test" in splits and any(label in (-1, None) for label in splits["test"][label_column]):
