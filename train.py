@@ -61,7 +61,10 @@ class TrainArguments:
 
     preset: str = field(
         default="mini",
-        metadata={"help": "Model size: tiny, mini, small or base (mini learns most per CPU minute)."},
+        metadata={
+            "help": "Model size: tiny, mini, small or base (mini learns most per CPU minute); "
+            "unused with --model_name_or_path."
+        },
     )
     model_name_or_path: str | None = field(
         default=None,
@@ -572,6 +575,7 @@ def resolved_config(run: Run, model: Any) -> dict[str, Any]:
     unwrapped = accelerator.unwrap_model(model)
     return {
         **asdict(run.args),
+        "preset": None if run.args.model_name_or_path else run.args.preset,  # the folder's config was used
         "max_steps_resolved": clock.max_steps,
         "max_train_minutes_resolved": clock.max_minutes,
         "mixed_precision_resolved": run.mixed_precision,

@@ -327,6 +327,8 @@ def test_model_name_or_path_goes_on_from_the_folder_on_review_texts(tmp_path, to
         == json.loads((first / "config.json").read_text())["hidden_size"]
     )  # the folder's config, not --preset small's
     assert len(AutoTokenizer.from_pretrained(second)) == len(AutoTokenizer.from_pretrained(first))
+    resolved = json.loads((second / "run_config.json").read_text())
+    assert resolved["model_name_or_path"] == str(first) and resolved["preset"] is None
 
     train = load_script(ROOT / "train.py")
     args = train.TrainArguments(model_name_or_path=str(first), tokenizer=str(tokenizer_dir))
