@@ -157,7 +157,7 @@ class TrainArguments:
 def check_start_folder(args: TrainArguments) -> None:
     """--model_name_or_path brings its own config and tokenizer: the flags that make new ones would be ignored."""
     folder = Path(args.model_name_or_path)
-    if not (folder / "config.json").is_file():
+    if folder.exists() and not (folder / "config.json").is_file():  # not a folder: a Hub id
         raise ValueError(f"--model_name_or_path: {folder} is not a model folder (no config.json)")
     for flag in ("config_overrides", "tokenizer", "vocab_size"):
         if getattr(args, flag) is not None:
@@ -534,7 +534,9 @@ def build_model(run: Run, data: RunData) -> tuple[Any, Any, Any, Any]:
 def new_or_saved_model(args: TrainArguments, tokenizer: Any) -> BilingualGlmForCausalLM:
     """A fresh --preset model sized to the tokenizer, or the --model_name_or_path folder's weights."""
     if args.model_name_or_path:
-        model = BilingualGlmForCausalLM.from_pretrained(args.model_name_or_path)
+        # fp32 master weights whatever the folder stores (converted checkpoints are often bf16): AdamW
+        # updates need them, and --mixed_precision autocasts the matmuls as for a fresh model
+        model = BilingualGlmForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
         if len(tokenizer) > model.config.vocab_size:
             raise ValueError(
                 f"--model_name_or_path: its tokenizer has {len(tokenizer)} tokens, its model "
