@@ -58,6 +58,7 @@ from bilingual_glm.data.cloze import (
     cloze_scores,
     detect_language,
 )
+from bilingual_glm.data.files import write_json_atomic
 from bilingual_glm.data.labeled import load_labeled_data
 from bilingual_glm.data.sentiment import SENTIMENT_DATASET_ID
 from bilingual_glm.data.sft import SftCollator, load_chat_data, pack_chats, tokenize_chat
@@ -615,7 +616,7 @@ def write_run_config(training_args: TrainingArguments, run_config: dict[str, Any
     if training_args.should_save:
         path = Path(training_args.output_dir) / "run_config.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(run_config, indent=2, ensure_ascii=False, default=str))
+        write_json_atomic(path, run_config)
 
 
 def train_and_evaluate(

@@ -45,6 +45,7 @@ from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM, distribut
 from bilingual_glm.checkpoints import find_checkpoint
 from bilingual_glm.corpora import load_demo_corpus, load_text_files
 from bilingual_glm.data import BlankInfillingCollator, CausalCollator, MlmCollator, pack_causal
+from bilingual_glm.data.files import write_json_atomic, write_jsonl
 from bilingual_glm.infill import infill
 from bilingual_glm.modeling.kernels_bilingual_glm import cpu_info, fast_bf16, use_onednn_linears
 from bilingual_glm.tokenizer import special_token_ids, train_tokenizer
@@ -268,12 +269,6 @@ def apply_config_overrides(config: BilingualGlmConfig, overrides: str) -> Biling
     return config
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------------ data
 def load_raw(args: TrainArguments) -> tuple[Any, datasets.Dataset]:
     """(train, validation) text datasets; validation keeps a `lang` column when the source has one."""
@@ -395,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- data: text → tokenizer → packed blocks → loader; the objectives' collators; held-out blocks
     data = prepare_data(run)
 
-    # --- model: config from the preset and the tokenizer's ids; optimizer; lr schedule on the clock
+    # --- model: a fresh one from the preset and the tokenizer's ids, or the saved one; optimizer; lr schedule
     model, optimizer, scheduler, data.loader = build_model(run, data)
     progress = restore_progress(run)  # after accelerator.prepare: load_state needs the prepared objects
     run_config = resolved_config(run, model)
@@ -509,7 +504,7 @@ def prepare_data(run: Run) -> RunData:
 
 
 def build_model(run: Run, data: RunData) -> tuple[Any, Any, Any, Any]:
-    """The model (vocab: the preset's, or the tokenizer's if larger), AdamW (no decay on norms, biases and
+    """The model (``new_or_saved_model``), AdamW (no decay on norms, biases and
     embeddings), the clock-driven lr schedule; all prepared by Accelerate, the loader too unless streamed."""
     args, accelerator = run.args, run.accelerator
     model = new_or_saved_model(args, data.tokenizer)
@@ -684,9 +679,8 @@ def train_step(
         examples = next(micro_batches)
         progress.micro_batches += 1
         seed = objective_seed(args.seed, progress.micro_batches)
-        objective = random.Random(seed).choices(list(run.objectives), weights=list(run.objectives.values()))[
-            0
-        ]
+        weights = list(run.objectives.values())
+        objective = random.Random(seed).choices(list(run.objectives), weights=weights)[0]
         collator = data.collators[objective]
         if hasattr(collator, "reseed"):
             collator.reseed(collator_seed(args.seed, progress.micro_batches, accelerator.process_index))
@@ -786,9 +780,7 @@ class RunLog:
                 json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
             ]
             self.history = [record for record in records if record.get("step", 0) <= up_to_step]
-            path.write_text(
-                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.history), encoding="utf-8"
-            )
+            write_jsonl(path, self.history)
 
     def append(self, record: dict[str, Any]) -> None:
         if record and self.writer:

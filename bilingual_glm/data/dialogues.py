@@ -40,7 +40,7 @@ from pathlib import Path
 import datasets
 import yaml
 
-from bilingual_glm.data.files import package_dir
+from bilingual_glm.data.files import package_dir, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -204,9 +204,7 @@ def write_dialogue_jsonl(
     paths = {}
     for split in SPLITS:
         paths[split] = output_dir / f"{split}.jsonl"
-        with paths[split].open("w", encoding="utf-8") as handle:
-            for row in load_dialogues(split, languages, data_dir):
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        write_jsonl(paths[split], load_dialogues(split, languages, data_dir))
     return paths
 
 

@@ -11,9 +11,7 @@ labels unread), for domain-adaptive pretraining on the review texts before finet
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import random
 import sys
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import datasets
 
-from bilingual_glm.data.files import package_dir
+from bilingual_glm.data.files import package_dir, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -99,23 +97,15 @@ def sentiment_splits(
 
 
 def write_sentiment_jsonl(output_dir: str | Path) -> dict[str, Path]:
-    """``{train,validation,test}.jsonl`` in ``output_dir``, one ``{"text", "label"}`` per line (label names).
-
-    Each file is written to a temporary name and renamed, so an interrupted run leaves no half file."""
+    """``{train,validation,test}.jsonl`` in ``output_dir``, one ``{"text", "label"}`` per line (label names),
+    each written whole or not at all."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for split, dataset in sentiment_splits().items():
         names = dataset.features["label"].names
         paths[split] = output_dir / f"{split}.jsonl"
-        tmp = paths[split].with_suffix(".jsonl.tmp")
-        with tmp.open("w", encoding="utf-8") as handle:
-            for row in dataset:
-                handle.write(
-                    json.dumps({"text": row["text"], "label": names[row["label"]]}, ensure_ascii=False)
-                )
-                handle.write("\n")
-        os.replace(tmp, paths[split])
+        write_jsonl(paths[split], ({"text": row["text"], "label": names[row["label"]]} for row in dataset))
     return paths
 
 
