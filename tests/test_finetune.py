@@ -559,3 +559,29 @@ def test_resume_latest_without_a_complete_checkpoint_fails_naming_the_folder(tmp
     )
     assert result.returncode == 2
     assert "--resume_from_checkpoint latest: no complete checkpoint-* in" in result.stderr
+
+
+def test_sentiment_ensemble_scores_each_cloze_folder_as_finetune_did(tmp_path, pretrained_dir, monkeypatch):
+    """scripts/sentiment_ensemble.py re-scores a cloze output with the pattern its run_config.json records:
+    on the same texts it reproduces the finetune's own validation/test accuracy (fp32 on both sides, so no
+    bf16 rounding flips a near-tie), two copies of one member average to that member, and a folder that is
+    not a cloze output is refused by name."""
+    monkeypatch.setenv("BILINGUAL_GLM_BF16", "0")
+    ensemble = load_script(ROOT / "scripts" / "sentiment_ensemble.py")
+    out = tmp_path / "cloze"
+    metrics = run_finetune(pretrained_dir, out, "--task", "cloze", "--cloze_template", "{text}感觉很[MASK]。")
+    test = json.loads((out / "test_results.json").read_text())
+    result_file = tmp_path / "ensemble.json"
+    argv = [str(out), str(out), "--tfidf", "--max_samples", "16", "--output", str(result_file)]
+    assert ensemble.main(argv) == 0
+    results = json.loads(result_file.read_text())
+    member = results["members"][str(out)]
+    assert member["validation"]["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-4)
+    assert member["test"]["accuracy"] == pytest.approx(test["test_accuracy"], abs=1e-4)
+    assert set(results["members"]) == {str(out), "tfidf_logreg"}
+    assert all(0 <= results["ensemble"][split]["accuracy"] <= 1 for split in ("validation", "test"))
+    assert ensemble.main([str(out), str(out), "--max_samples", "16", "--output", str(result_file)]) == 0
+    alone = json.loads(result_file.read_text())
+    assert alone["ensemble"] == alone["members"][str(out)] == member
+    with pytest.raises(FileNotFoundError, match="run_config.json: not found"):
+        ensemble.main([str(pretrained_dir), "--max_samples", "4"])
