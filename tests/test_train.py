@@ -145,25 +145,30 @@ def test_two_process_cpu_run_records_num_processes(tmp_path, tokenizer_dir):
     assert (out / "model.safetensors").is_file()
 
 
-def test_bad_arguments_fail_with_one_clear_line(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def test_bad_arguments_fail_with_one_clear_line(tmp_path, capsys):
+    """Each fails before Accelerate starts (so in-process here); one run as a script checks the exit path."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--objective", "bert"],
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "train.py: error: --objective: 'bert' is not one of ('clm', 'glm', 'mlm') (spec 'bert')"
+    ], result.stderr[-2000:]
+    train = load_script(ROOT / "train.py")
     for args, needle in [
-        (["--objective", "bert"], "--objective"),
         (["--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path)], "no complete checkpoint"),
         (["--train_files", str(tmp_path / "missing.txt")], "missing.txt"),
         (["--resume_from_checkpoint", str(tmp_path)], "is not a complete checkpoint folder"),
         (["--tokenizer", str(tmp_path / "nope")], "--tokenizer"),
         (["--model_name_or_path", str(tmp_path)], "is not a model folder"),
     ]:
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), *args],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode != 0 and needle in result.stderr, result.stderr[-2000:]
+        assert train.cli(args) == 2, args
+        stderr = capsys.readouterr().err
+        assert stderr.startswith("train.py: error: ") and needle in stderr and stderr.count("\n") == 1, stderr
 
 
 def test_infill_replaces_every_blank_with_a_generated_span(tokenizer_dir):
