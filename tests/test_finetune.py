@@ -572,9 +572,11 @@ def test_sentiment_ensemble_scores_each_cloze_folder_as_finetune_did(tmp_path, p
     metrics = run_finetune(pretrained_dir, out, "--task", "cloze", "--cloze_template", "{text}感觉很[MASK]。")
     test = json.loads((out / "test_results.json").read_text())
     result_file = tmp_path / "ensemble.json"
-    argv = [str(out), str(out), "--tfidf", "--max_samples", "16", "--output", str(result_file)]
+    argv = [str(out), str(out), "--tfidf", "--stack", "--max_samples", "16", "--output", str(result_file)]
     assert ensemble.main(argv) == 0
     results = json.loads(result_file.read_text())
+    assert set(results["stacked"]["weights"]) == {str(out), "tfidf_logreg"}
+    assert 0 <= results["stacked"]["test"]["accuracy"] <= 1
     member = results["members"][str(out)]
     assert member["validation"]["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-4)
     assert member["test"]["accuracy"] == pytest.approx(test["test_accuracy"], abs=1e-4)
@@ -585,3 +587,30 @@ def test_sentiment_ensemble_scores_each_cloze_folder_as_finetune_did(tmp_path, p
     assert alone["ensemble"] == alone["members"][str(out)] == member
     with pytest.raises(FileNotFoundError, match="run_config.json: not found"):
         ensemble.main([str(pretrained_dir), "--max_samples", "4"])
+
+
+def test_sentiment_ensemble_stacking_outweighs_a_loud_useless_member():
+    """--stack fits the members' weights on validation: a member that is pure noise on a large scale drowns
+    the informative one in the equal-weight average, but the fitted stack weights it down and keeps the
+    informative member's accuracy on unseen (test) rows."""
+    ensemble = load_script(ROOT / "scripts" / "sentiment_ensemble.py")
+    generator = torch.Generator().manual_seed(0)
+
+    def members(n: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        gold = torch.randint(0, 2, (n,), generator=generator)
+        margin = (2.0 * gold - 1) + 1.5 * torch.randn(n, generator=generator)  # informative, ~75% correct
+        noise = 5.0 * torch.randn(n, generator=generator)  # says nothing, loudly
+        as_log_probs = [torch.stack([-m / 2, m / 2], dim=-1).log_softmax(-1) for m in (margin, noise)]
+        return as_log_probs, gold
+
+    validation, gold_validation = members(2000)  # the real validation split has 1,563
+    test, gold_test = members(2000)
+    cross_validated, stacked, weights = ensemble.stacked_log_probs(validation, test, gold_validation)
+    accuracy = lambda log_probs, gold: (log_probs.argmax(-1) == gold).float().mean().item()  # noqa: E731
+    informative = accuracy(test[0], gold_test)
+    assert informative > 0.7
+    assert accuracy(torch.stack(test).mean(0), gold_test) < informative - 0.1  # equal weights: drowned
+    assert accuracy(stacked, gold_test) == pytest.approx(informative, abs=0.03)
+    assert accuracy(cross_validated, gold_validation) > 0.7
+    assert cross_validated.shape == (2000, 2) and stacked.shape == (2000, 2)
+    assert weights[0] > 10 * weights[1]
