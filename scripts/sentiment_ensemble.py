@@ -155,21 +155,22 @@ def main(argv: list[str] | None = None) -> int:
         }
     if args.tfidf:
         members["tfidf_logreg"] = tfidf_log_probs(splits)
+    gold = {split: torch.tensor(splits[split]["label"]) for split in SPLITS}
     results: dict = {"members": {}, "ensemble": {}}
     for split in SPLITS:
-        gold = torch.tensor(splits[split]["label"])
         for name, log_probs in members.items():
-            results["members"].setdefault(name, {})[split] = score(log_probs[split], gold)
+            results["members"].setdefault(name, {})[split] = score(log_probs[split], gold[split])
         average = torch.stack([log_probs[split] for log_probs in members.values()]).mean(0)
-        results["ensemble"][split] = score(average, gold)
+        results["ensemble"][split] = score(average, gold[split])
     if args.stack:
-        gold = torch.tensor(splits["validation"]["label"])
         validation, test, weights = stacked_log_probs(
-            [m["validation"] for m in members.values()], [m["test"] for m in members.values()], gold
+            [m["validation"] for m in members.values()],
+            [m["test"] for m in members.values()],
+            gold["validation"],
         )
         results["stacked"] = {
-            "validation_cross_validated": score(validation, gold),
-            "test": score(test, torch.tensor(splits["test"]["label"])),
+            "validation_cross_validated": score(validation, gold["validation"]),
+            "test": score(test, gold["test"]),
             "weights": dict(zip(members, weights, strict=True)),
         }
     text = json.dumps(results, indent=2, ensure_ascii=False)
