@@ -398,22 +398,34 @@ def bench_generate(args: BenchArgs, device: torch.device, wanted: set[str]) -> l
     return rows
 
 
+# glibc serves allocations of at least this size with their own mmap and unmaps them on free, so RSS follows the
+# bytes alive. With its default (adaptive) threshold, freed blocks stay in the heap by chance: the same worker's
+# peak then moved by +-15 MiB from run to run (small, bf16), more than the models differ. Ignored off glibc.
+MALLOC_MMAP_THRESHOLD = "65536"
+
+
+def memory_peak(args: BenchArgs, side: str, bf16: bool) -> float:
+    """One fresh worker process's peak MiB above its pre-build RSS (``side``: ours or reference)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--memory_worker", side]
+    command += ["--preset", args.preset, "--device", args.device, "--seed", str(args.seed)]
+    command += ["--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len)]
+    command += ["--mixed_precision", "bf16" if bf16 else "no"]
+    command += ["--attn_implementation", args.attn_implementation]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
+    env = {"MALLOC_MMAP_THRESHOLD_": MALLOC_MMAP_THRESHOLD, **os.environ}  # a caller's own setting wins
+    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory worker ({side}) failed:\n{result.stdout}\n{result.stderr}")
+    return json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
 def bench_memory(args: BenchArgs, device: torch.device, bf16: bool) -> list[dict]:
     """Peak memory of a train step, each side in fresh processes, alternated."""
     peaks: dict[str, list[float]] = {"ours": [], "reference": []}
     for _ in range(args.memory_repeats):
         for side in peaks:
-            command = [sys.executable, str(Path(__file__).resolve()), "--memory_worker", side]
-            command += ["--preset", args.preset, "--device", args.device, "--seed", str(args.seed)]
-            command += ["--batch_size", str(args.batch_size), "--seq_len", str(args.seq_len)]
-            command += ["--mixed_precision", "bf16" if bf16 else "no"]
-            command += ["--attn_implementation", args.attn_implementation]
-            if args.threads:
-                command += ["--threads", str(args.threads)]
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                raise RuntimeError(f"memory worker ({side}) failed:\n{result.stdout}\n{result.stderr}")
-            peaks[side].append(json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"])
+            peaks[side].append(memory_peak(args, side, bf16))
     ours, reference = (statistics.median(peaks[side]) for side in ("ours", "reference"))
     return [row("train_peak_memory", ours, reference, "MiB")]
 
