@@ -100,12 +100,16 @@ def test_unknown_row_is_a_clear_error():
 def test_memory_row_measures_live_bytes_not_where_the_allocator_kept_freed_blocks():
     """Fresh workers of one side agree to well under a MiB. Under glibc's adaptive mmap threshold the same
     tiny bf16 worker read 51.8-56.6 MiB (±15 MiB on `small`), so before/after differences under that were noise."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
+    environ, sys.path[:0] = dict(os.environ), [str(ROOT / "benchmarks")]
+    try:  # run.py sets env defaults (OMP_WAIT_POLICY, ...) on import: keep them out of later tests
         import run
+
+        args = run.BenchArgs(preset="tiny", batch_size=8, seq_len=128)
+        peaks = [run.memory_peak(args, "ours", bf16=True) for _ in range(3)]
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    args = run.BenchArgs(preset="tiny", batch_size=8, seq_len=128)
-    peaks = [run.memory_peak(args, "ours", bf16=True) for _ in range(3)]
+        sys.modules.pop("run", None)
+        os.environ.clear()
+        os.environ.update(environ)
     assert all(peak > 1 for peak in peaks), peaks
     assert max(peaks) - min(peaks) < 1.0, peaks
