@@ -614,3 +614,48 @@ def test_sentiment_ensemble_stacking_outweighs_a_loud_useless_member():
     assert accuracy(cross_validated, gold_validation) > 0.7
     assert cross_validated.shape == (2000, 2) and stacked.shape == (2000, 2)
     assert weights[0] > 10 * weights[1]
+
+
+def test_weight_soup_is_the_exact_mean_and_scores_like_a_finetune(tmp_path, pretrained_dir, monkeypatch):
+    """scripts/weight_soup.py: the soup's tensors are the element-wise mean of its members' (checked against
+    a hand-computed mean), a soup of one folder with itself is that folder (sentiment_ensemble re-scores it to
+    the finetune's own accuracy), and a member with other tensors is refused by name with nothing written."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setenv("BILINGUAL_GLM_BF16", "0")
+    soup = load_script(ROOT / "scripts" / "weight_soup.py")
+    ensemble = load_script(ROOT / "scripts" / "sentiment_ensemble.py")
+    out = tmp_path / "cloze"
+    metrics = run_finetune(pretrained_dir, out, "--task=cloze", "--save_strategy=steps", "--save_steps=2")
+    assert (out / "checkpoint-2" / "model.safetensors").is_file()
+
+    weights = load_file(out / "model.safetensors")
+    other = tmp_path / "other"
+    other.mkdir()
+    shifted = {name: tensor + 0.25 * torch.randn_like(tensor) for name, tensor in weights.items()}
+    save_file(shifted, other / "model.safetensors", metadata={"format": "pt"})
+    checkpoint = load_file(out / "checkpoint-2" / "model.safetensors")
+    members = [str(out), str(other), str(out / "checkpoint-2")]
+    assert soup.main([*members, "--output_dir", str(tmp_path / "mean")]) == 0
+    mean = load_file(tmp_path / "mean" / "model.safetensors")
+    for name, tensor in weights.items():
+        expected = (tensor.double() + shifted[name].double() + checkpoint[name].double()) / 3
+        torch.testing.assert_close(mean[name], expected.float(), rtol=0, atol=1e-7)
+    assert json.loads((tmp_path / "mean" / "run_config.json").read_text()) == json.loads(
+        (out / "run_config.json").read_text()
+    )
+    assert not list((tmp_path / "mean").glob("checkpoint-*"))
+
+    assert soup.main([str(out), str(out), "--output_dir", str(tmp_path / "same")]) == 0
+    result_file = tmp_path / "ensemble.json"
+    assert ensemble.main([str(tmp_path / "same"), "--max_samples", "16", "--output", str(result_file)]) == 0
+    scored = json.loads(result_file.read_text())["members"][str(tmp_path / "same")]
+    assert scored["validation"]["accuracy"] == pytest.approx(metrics["eval_accuracy"], abs=1e-4)
+
+    del shifted[next(iter(shifted))]
+    save_file(shifted, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="other/model.safetensors: tensor names differ"):
+        soup.main([str(out), str(other), "--output_dir", str(tmp_path / "bad")])
+    with pytest.raises(FileNotFoundError, match="model.safetensors: not found"):
+        soup.main([str(out), str(pretrained_dir.parent), "--output_dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad-*"))
