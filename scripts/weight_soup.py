@@ -77,6 +77,11 @@ def average_weights(folders: list[Path]) -> dict[str, torch.Tensor]:
 def write_soup(folders: list[Path], output_dir: Path, setup_from: Path | None = None) -> Path:
     """Average ``folders`` into ``output_dir`` (a copy of ``setup_from`` with the mean weights)."""
     setup_from = setup_from or folders[0]
+    if output_dir.exists() and not (output_dir / "soup.json").is_file():
+        raise FileExistsError(
+            f"{output_dir}: exists and is not a soup this script wrote; pick a new --output_dir "
+            "(an earlier soup is replaced, anything else is left alone)"
+        )
     if not (setup_from / "config.json").is_file():
         raise FileNotFoundError(f"{setup_from / 'config.json'}: not found; --setup_from needs a model folder")
     soup = average_weights(folders)
