@@ -14,8 +14,9 @@ Every input folder must hold a ``model.safetensors`` with the same tensor names 
 output or one of its ``checkpoint-*`` folders); anything else is refused by name. The output folder is a
 copy of ``--setup_from`` (default: the first folder: tokenizer, ``run_config.json``, remote code), minus its
 checkpoints, with the averaged weights; it loads with ``from_pretrained`` and is scored by
-``sentiment_ensemble.py`` exactly as a finetune is. It is written to a temporary folder and renamed into
-place, so a failure leaves no half-written soup.
+``sentiment_ensemble.py`` exactly as a finetune is. Like a conversion (``bilingual_glm.chatglm``), it is
+written to a temporary folder and renamed into place, and an existing non-empty ``--output_dir`` is refused,
+so a failure leaves no half-written soup and no folder is ever replaced.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from bilingual_glm.chatglm import atomic_folder, check_destination
 
 WEIGHTS = "model.safetensors"
 # Files of a finetune output that describe training, not the model: not carried into the soup.
@@ -77,34 +79,15 @@ def average_weights(folders: list[Path]) -> dict[str, torch.Tensor]:
 def write_soup(folders: list[Path], output_dir: Path, setup_from: Path | None = None) -> Path:
     """Average ``folders`` into ``output_dir`` (a copy of ``setup_from`` with the mean weights)."""
     setup_from = setup_from or folders[0]
-    if output_dir.exists() and not (output_dir / "soup.json").is_file():
-        raise FileExistsError(
-            f"{output_dir}: exists and is not a soup this script wrote; pick a new --output_dir "
-            "(an earlier soup is replaced, anything else is left alone)"
-        )
+    check_destination(output_dir)  # never replaces a folder, not even a member's own
     if not (setup_from / "config.json").is_file():
         raise FileNotFoundError(f"{setup_from / 'config.json'}: not found; --setup_from needs a model folder")
     soup = average_weights(folders)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}-", dir=output_dir.parent))
-    try:
+    with atomic_folder(output_dir) as staging:
         shutil.copytree(setup_from, staging, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*NOT_COPIED))
-        save_file(
-            {name: tensor.contiguous() for name, tensor in soup.items()},
-            staging / WEIGHTS,
-            metadata={"format": "pt"},
-        )
-        (staging / "soup.json").write_text(
-            json.dumps(
-                {"members": [str(folder) for folder in folders], "setup_from": str(setup_from)}, indent=2
-            )
-        )
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        save_file(soup, staging / WEIGHTS, metadata={"format": "pt"})
+        members = {"members": [str(folder) for folder in folders], "setup_from": str(setup_from)}
+        (staging / "soup.json").write_text(json.dumps(members, indent=2))
     return output_dir
 
 

@@ -620,7 +620,7 @@ def test_weight_soup_is_the_exact_mean_and_scores_like_a_finetune(tmp_path, pret
     """scripts/weight_soup.py: the soup's tensors are the element-wise mean of its members' (checked against
     a hand-computed mean), a soup of one folder with itself is that folder (sentiment_ensemble re-scores it to
     the finetune's own accuracy), a member with other tensors is refused by name with nothing written, and an
-    existing folder is replaced only if it is an earlier soup."""
+    existing folder (a member's own, an earlier soup) is never replaced."""
     from safetensors.torch import load_file, save_file
 
     monkeypatch.setenv("BILINGUAL_GLM_BF16", "0")
@@ -659,8 +659,9 @@ def test_weight_soup_is_the_exact_mean_and_scores_like_a_finetune(tmp_path, pret
         soup.main([str(out), str(other), "--output_dir", str(tmp_path / "bad")])
     with pytest.raises(FileNotFoundError, match="model.safetensors: not found"):
         soup.main([str(out), str(pretrained_dir.parent), "--output_dir", str(tmp_path / "bad")])
-    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad-*"))
-    with pytest.raises(FileExistsError, match="cloze: exists and is not a soup"):
-        soup.main([str(out), str(out), "--output_dir", str(out)])  # would have replaced the finetune
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
+    for taken in (out, tmp_path / "mean"):  # the finetune itself, an earlier soup
+        with pytest.raises(FileExistsError, match=f"{taken} already exists and is not an empty folder"):
+            soup.main([str(out), str(out), "--output_dir", str(taken)])
     assert (out / "trainer_state.json").is_file()
-    assert soup.main([str(out), str(other.parent / "cloze"), "--output_dir", str(tmp_path / "mean")]) == 0
+    torch.testing.assert_close(load_file(tmp_path / "mean" / "model.safetensors"), mean, rtol=0, atol=0)
