@@ -120,3 +120,35 @@ def test_push_to_hub_uploads_exactly_the_self_contained_folder(tmp_path, monkeyp
     ]
     write_expectations(model, tmp_path / "expected.pt")
     check_without_package(uploaded, tmp_path / "expected.pt", tmp_path)
+
+
+@pytest.mark.parametrize("offload", [False, True], ids=["auto", "disk-offload"])
+def test_device_map_loading_gives_the_same_logits_loss_and_tokens(tmp_path, offload):
+    """``from_pretrained(device_map=...)``: accelerate's hooks, not hard-coded ``.to()``, move activations.
+
+    With the last layer, the final norm and ``lm_head`` offloaded to disk their weights stay on ``meta``
+    until accelerate's hooks load them for each forward, so this also checks that the chunked loss only
+    reads ``lm_head.weight`` when nothing patched the module's forward."""
+    from transformers import AutoModelForCausalLM
+
+    model = perturbed_model(seed=3)
+    model.save_pretrained(tmp_path / "model")
+    last = f"model.layers.{model.config.num_hidden_layers - 1}"
+    device_map: str | dict[str, str] = "auto"
+    if offload:
+        device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "lm_head": "disk"}
+        device_map |= {f"model.layers.{i}": "cpu" for i in range(model.config.num_hidden_layers - 1)}
+        device_map |= {last: "disk", "model.norm": "disk"}
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload"
+    ).eval()
+    if offload:
+        assert loaded.lm_head.weight.device.type == "meta"  # really offloaded, loaded per forward
+        assert loaded.get_submodule(last).mlp.down_proj.weight.device.type == "meta"
+    ids = torch.randint(11, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, actual = model(ids, labels=ids), loaded(ids, labels=ids)
+        greedy = model.generate(ids[:1, :4], max_new_tokens=8, do_sample=False)
+        assert torch.equal(loaded.generate(ids[:1, :4], max_new_tokens=8, do_sample=False), greedy)
+    torch.testing.assert_close(actual.logits, expected.logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(actual.loss, expected.loss, rtol=0, atol=1e-6)
