@@ -410,6 +410,25 @@ def test_bf16_forward_close_to_fp32():
     assert (bf16.float() - fp32).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "cpu_bf16_matmul"])
+def test_fp16_left_padded_batch_stays_finite_and_close_to_fp32(attn):
+    """fp16 is where GLM remote code met NaNs: a mask filled with -inf (or a min that overflows when added)
+    turns fully masked padding rows into NaN. Ours keeps every row finite, padding rows included."""
+    ids = tokens(2, 10)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding: sample 0's first three query rows may attend to no key at all
+    with torch.no_grad():
+        fp32 = perturbed_model(attn_implementation=attn)(ids, attention_mask=mask).logits
+        fp16 = perturbed_model(dtype=torch.float16, attn_implementation=attn)(ids, attention_mask=mask).logits
+    assert fp16.dtype == torch.float16 and fp16.isfinite().all()
+    assert (fp16.float() - fp32).abs().max() < 0.02
+    model = perturbed_model(attn_implementation=attn).train()
+    with torch.autocast("cpu", dtype=torch.float16):  # fp16 mixed precision, as Trainer's --fp16 runs it
+        loss = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    loss.backward()
+    assert loss.isfinite() and all(p.grad.isfinite().all() for p in model.parameters() if p.grad is not None)
+
+
 # ------------------------------------------------------------------------------ classification head
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_classifier_pools_last_real_token_for_either_padding_side(side):
