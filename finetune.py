@@ -64,7 +64,12 @@ from bilingual_glm.data.sentiment import SENTIMENT_DATASET_ID
 from bilingual_glm.data.sft import SftCollator, load_chat_data, pack_chats, tokenize_chat
 from bilingual_glm.metrics import load_metric
 from bilingual_glm.model_card import CardInfo, usage_snippet, write_model_card
-from bilingual_glm.modeling.kernels_bilingual_glm import cpu_info, fast_bf16, use_onednn_linears
+from bilingual_glm.modeling.kernels_bilingual_glm import (
+    cpu_info,
+    fast_bf16,
+    use_fused_qkv,
+    use_onednn_linears,
+)
 
 logger = logging.getLogger("finetune")
 TASKS = ("classification", "cloze", "sft")
@@ -448,8 +453,10 @@ def load_model(args: FinetuneArguments, label_names: list[str] | None) -> Any:
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
-    if not torch.cuda.is_available() and model.config.model_type == "bilingual_glm":
-        use_onednn_linears(model)  # each call still follows the measured per-CPU rule (off on Intel)
+    if model.config.model_type == "bilingual_glm":
+        use_fused_qkv(model)  # q/k/v as one GEMM where that applies (not decoding, LoRA or ZeRO-3)
+        if not torch.cuda.is_available():
+            use_onednn_linears(model)  # each call still follows the measured per-CPU rule (off on Intel)
     return model
 
 

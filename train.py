@@ -47,7 +47,12 @@ from bilingual_glm.corpora import load_demo_corpus, load_text_files
 from bilingual_glm.data import BlankInfillingCollator, CausalCollator, MlmCollator, pack_causal
 from bilingual_glm.data.files import write_json_atomic, write_jsonl
 from bilingual_glm.infill import infill
-from bilingual_glm.modeling.kernels_bilingual_glm import cpu_info, fast_bf16, use_onednn_linears
+from bilingual_glm.modeling.kernels_bilingual_glm import (
+    cpu_info,
+    fast_bf16,
+    use_fused_qkv,
+    use_onednn_linears,
+)
 from bilingual_glm.tokenizer import special_token_ids, train_tokenizer
 
 OBJECTIVES = ("clm", "glm", "mlm")
@@ -519,6 +524,7 @@ def build_model(run: Run, data: RunData) -> tuple[Any, Any, Any, Any]:
     model = new_or_saved_model(args, data.tokenizer)
     if accelerator.device.type == "cpu":
         use_onednn_linears(model)  # opt-in fast path; each call still follows the measured per-CPU rule
+    use_fused_qkv(model)  # opt-in: q/k/v as one GEMM where that applies (not decoding, LoRA or ZeRO-3)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed_tokens" in n]
     optimizer = torch.optim.AdamW(

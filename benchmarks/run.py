@@ -71,6 +71,7 @@ from bilingual_glm.modeling.kernels_bilingual_glm import (  # noqa: E402
     cpu_info,
     fast_bf16,
     onednn_fp32_wins,
+    use_fused_qkv,
     use_onednn_linears,
 )
 
@@ -233,10 +234,11 @@ def native_attention(args: BenchArgs) -> str:
 
 
 def build_ours(args: BenchArgs, device: torch.device) -> BilingualGlmForCausalLM:
-    """Ours as train.py builds it: its default attention, and the opt-in oneDNN linears on CPU."""
+    """Ours as train.py builds it: its default attention, fused q/k/v, and the oneDNN linears on CPU."""
     torch.manual_seed(args.seed)
     config = BilingualGlmConfig.from_preset(args.preset, attn_implementation=ours_attention(args))
     model = BilingualGlmForCausalLM(config).to(device)
+    use_fused_qkv(model)
     if device.type == "cpu":
         use_onednn_linears(model)
     return model
@@ -449,6 +451,7 @@ def memory_worker(args: BenchArgs, device: torch.device) -> None:
     torch.manual_seed(args.seed)
     if args.memory_worker == "ours":
         model: torch.nn.Module = BilingualGlmForCausalLM(config)
+        use_fused_qkv(model)
         if device.type == "cpu":
             use_onednn_linears(model)
     else:

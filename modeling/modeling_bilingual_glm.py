@@ -16,7 +16,7 @@ With 1D positions (or block positions all zero) and no prefix this is exactly tr
 
 CPU fast paths are opt-in and named (bodies in ``kernels_bilingual_glm.py``): the default
 ``attn_implementation="cpu_bf16_matmul"`` (SDPA, or two bf16 matmuls on a CPU with native bf16 under bf16
-compute), ``use_onednn_linears(model)`` (a module swap), and a chunked ``lm_head`` + cross-entropy loss.
+compute), ``use_onednn_linears`` (a module swap), ``use_fused_qkv`` (q/k/v as one GEMM), a chunked loss.
 Masks, input checks and export live in ``utils_bilingual_glm.py``. All three files ship as Hub remote
 code, so they import only public transformers API.
 """
@@ -40,7 +40,7 @@ from transformers.modeling_outputs import (
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..configuration.configuration_bilingual_glm import BilingualGlmConfig  # flat in exported folders
-from .kernels_bilingual_glm import use_onednn_linears  # transformers 4.x copies only direct relative imports
+from .kernels_bilingual_glm import fused_linear, use_fused_qkv, use_onednn_linears  # direct: for 4.x export
 from .utils_bilingual_glm import (  # masks, input checks, export: the support code
     AUTO_MAP,
     CACHE_FIELD,
@@ -180,6 +180,7 @@ class BilingualGlmAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        self.fuse_qkv = False  # ``use_fused_qkv(model)``: q/k/v as one GEMM where it pays (opt-in)
 
     def forward(
         self,
@@ -190,9 +191,10 @@ class BilingualGlmAttention(nn.Module):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, H, T, D]
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # [B, KV, T, D]
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        qkv = fused_linear(hidden_states, projections) if self.fuse_qkv else None  # None: not applicable
+        qkv = qkv or [projection(hidden_states) for projection in projections]
+        query, key, value = (x.view(hidden_shape).transpose(1, 2) for x in qkv)  # [B, H or KV, T, D]
         query = apply_rotary_pos_emb(query, *position_embeddings)
         key = apply_rotary_pos_emb(key, *position_embeddings)
         if cache is not None:
@@ -566,9 +568,7 @@ class BilingualGlmForSequenceClassification(BilingualGlmPreTrainedModel):
         pooled_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]  # [B, num_labels]
         loss = None
         if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config
-            )
+            loss = self.loss_function(labels=labels, pooled_logits=pooled_logits, config=self.config)
         return _head_output(
             SequenceClassifierOutputWithPast, outputs, return_dict, loss=loss, logits=pooled_logits
         )
@@ -594,6 +594,7 @@ __all__ = [
     "BilingualGlmForCausalLM",
     "BilingualGlmForSequenceClassification",
     "build_attention_mask",
+    "use_fused_qkv",
     "use_onednn_linears",
     "write_remote_code",
 ]

@@ -15,6 +15,7 @@ from transformers import (
 import bilingual_glm
 from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM, BilingualGlmForSequenceClassification
 from bilingual_glm.modeling import kernels_bilingual_glm as kernels
+from bilingual_glm.modeling import modeling_bilingual_glm as modeling
 from bilingual_glm.modeling.modeling_bilingual_glm import build_attention_mask
 from bilingual_glm.modeling.utils_bilingual_glm import attention_mask_for
 
@@ -280,6 +281,70 @@ def test_onednn_linears_fall_back_to_f_linear_without_the_private_op(onednn_ever
         assert torch.equal(model(ids).logits, reference)
     x, weight = torch.randn(64, 128), torch.randn(256, 128, requires_grad=True)
     assert type(kernels.linear(x, weight).grad_fn).__name__ != "_OneDnnLinearBackward"
+
+
+def test_fused_qkv_gives_the_three_projections_numbers_and_keeps_the_state_dict(monkeypatch):
+    """``use_fused_qkv`` (train.py turns it on): one GEMM over the q/k/v weights. fp32 loss and gradients
+    as with three modules; under bf16 autocast no further from fp32 than the three modules are."""
+    ids = tokens(2, 40)  # 80 rows: training-sized, so the fused GEMM runs
+    fused_calls = []
+
+    def spy(x, linears):
+        fused_calls.append(kernels.fused_linear(x, linears))
+        return fused_calls[-1]
+
+    monkeypatch.setattr(modeling, "fused_linear", spy)
+
+    def loss_and_grads(fused: bool, autocast: bool) -> torch.Tensor:
+        model = perturbed_model().train()
+        names = list(model.state_dict())
+        if fused:
+            assert kernels.use_fused_qkv(model) == model.config.num_hidden_layers
+        assert list(model.state_dict()) == names
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(ids, labels=ids, return_logits=False).loss
+        loss.backward()
+        return torch.cat([loss.detach().view(1)] + [p.grad.flatten() for p in model.parameters()])
+
+    exact = loss_and_grads(fused=False, autocast=False)
+    assert not fused_calls  # off unless asked for
+    fused = loss_and_grads(fused=True, autocast=False)
+    assert len(fused_calls) == 2 and all(call is not None for call in fused_calls)
+    assert torch.allclose(fused, exact, atol=1e-6, rtol=1e-4)
+    three_bf16, fused_bf16 = (loss_and_grads(fused=f, autocast=True) for f in (False, True))
+    assert (fused_bf16 - exact).norm() <= 1.25 * (three_bf16 - exact).norm()
+    assert (fused_bf16 - exact).norm() <= 0.02 * exact.norm()
+
+
+def test_fused_qkv_steps_aside_for_decoding_wrapped_mixed_and_placeholder_projections():
+    """Where one GEMM would not pay or not be safe, ``fused_linear`` says None and the modules run."""
+    from peft import LoraConfig, get_peft_model
+
+    model = perturbed_model()
+    attention = model.model.layers[0].self_attn
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    x = torch.randn(2, 40, model.config.hidden_size)
+    query, key, value = kernels.fused_linear(x, projections)
+    assert torch.allclose(query, attention.q_proj(x), atol=1e-6) and torch.allclose(
+        value, attention.v_proj(x)
+    )
+    assert kernels.fused_linear(x[:, :8], projections) is None  # 16 rows: a decoding-sized input
+    unbiased = torch.nn.Linear(model.config.hidden_size, 8, bias=False)
+    assert kernels.fused_linear(x, (attention.q_proj, unbiased)) is None
+    placeholder = torch.nn.Linear(model.config.hidden_size, 8)
+    placeholder.weight.data = torch.empty(0)  # how ZeRO-3 leaves a weight outside its module's forward
+    assert kernels.fused_linear(x, (attention.q_proj, placeholder)) is None
+    kernels.use_fused_qkv(model)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    attention = lora.base_model.model.model.layers[0].self_attn
+    assert kernels.fused_linear(x, (attention.q_proj, attention.k_proj, attention.v_proj)) is None
+    ids = tokens(2, 40)
+    with torch.no_grad():
+        fused_on = lora(ids).logits
+        for module in lora.modules():
+            if hasattr(module, "fuse_qkv"):
+                module.fuse_qkv = False
+        assert torch.equal(lora(ids).logits, fused_on)  # the LoRA update is not lost
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -87,6 +87,22 @@ def test_cli_round_trip_through_native_folders(tmp_path):
     assert back.config.gmask_token_id == ours.config.gmask_token_id
 
 
+@pytest.mark.parametrize("overrides", RANDOM_CONFIGS)
+def test_fused_qkv_keeps_parity(overrides):
+    """q/k/v as one GEMM (``use_fused_qkv``, on in train.py) against native's three projections."""
+    ours = perturbed_model(seed=17, **overrides)
+    native = to_transformers_glm(ours)
+    assert kernels.use_fused_qkv(ours) == ours.config.num_hidden_layers
+    attention = ours.model.layers[0].self_attn
+    ids = _inputs(ours.config, batch=4, length=24)  # 96 rows: the fused path
+    rows = torch.zeros(96, ours.config.hidden_size)
+    assert kernels.fused_linear(rows, (attention.q_proj, attention.k_proj, attention.v_proj)) is not None
+    ours_loss = ours(ids, labels=ids, return_logits=False).loss
+    assert abs(ours_loss.item() - native(ids, labels=ids).loss.item()) <= TOLERANCE
+    with torch.no_grad():
+        assert (ours(ids).logits - native(ids).logits).abs().max().item() <= TOLERANCE
+
+
 @pytest.mark.skipif(kernels._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
 @pytest.mark.parametrize("overrides", RANDOM_CONFIGS[:3])
 def test_onednn_fp32_path_keeps_parity(overrides, monkeypatch):
