@@ -4,8 +4,8 @@
 - ``use_onednn_linears(model)`` (opt-in module swap, ``OneDnnLinear``): CPU fp32 linears on oneDNN instead
   of MKL's sgemm, where that wins. ``torch.ops.mkldnn._linear_pointwise`` is private, so it is probed once
   and ``F.linear`` is the (tested) fallback.
-- ``use_fused_qkv(model)`` (opt-in, ``fused_linear``): q/k/v as one GEMM over the three weights in training,
-  where the three modules are plain linears.
+- ``use_fused_qkv(model)`` (opt-in, ``fused_linear``): q/k/v as one GEMM over the three weights for inputs
+  of 64 rows or more (training, long prompts), where the three modules are plain linears.
 - ``matmul_attention_forward`` + ``use_matmul_attention``: the body and rule of the attention
   ``utils_bilingual_glm`` registers as ``attn_implementation="cpu_bf16_matmul"``: SDPA's contract on CPU
   under bf16 as two bf16 matmuls (torch's CPU flash kernel computes in fp32 whatever the input dtype).
@@ -225,8 +225,8 @@ def fused_linear(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch
     None where that does not pay or is not safe, and the caller runs the modules.
 
     One GEMM passes over ``x`` once and gives one input gradient instead of several summed; under bf16
-    autocast it also casts ``x`` once. Measured on q/k/v (benchmarks/README.md): ~4% of a bf16 training
-    step on an Intel Xeon with AMX. Not taken for a few rows (decoding: reading the weights is the cost,
+    autocast it also casts ``x`` once. Measured on q/k/v (benchmarks/README.md): 2-5% of a bf16 training
+    step on a 2-core Intel Xeon with AMX. Not taken for a few rows (decoding: reading the weights is the cost,
     and concatenating them would double it), nor for modules a wrapper owns (``is_plain_linear``: LoRA,
     quantized, offloaded), nor for weights not held whole here (ZeRO-3 / FSDP1 placeholders, which their
     owners fill only for the module's own forward), nor for a mix of biased and unbiased linears.
