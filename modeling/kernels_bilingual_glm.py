@@ -243,16 +243,16 @@ def fused_linear(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> tuple[torch
     return project(x, weight, bias).split([m.out_features for m in linears], dim=-1)
 
 
-def use_fused_qkv(model: nn.Module) -> int:
+def use_fused_qkv(model: nn.Module, enabled: bool = True) -> int:
     """Opt in to ``fused_linear`` for q/k/v: every module of ``model`` with a ``fuse_qkv`` switch (the
     attention) runs its three projections as one GEMM where ``fused_linear`` allows. Parameters and
-    state-dict names stay ``q_proj``/``k_proj``/``v_proj`` (converted checkpoints, PEFT targets); set
-    ``fuse_qkv = False`` on the modules to undo. Returns how many modules were switched.
+    state-dict names stay ``q_proj``/``k_proj``/``v_proj`` (converted checkpoints, PEFT targets);
+    ``enabled=False`` undoes it. Returns how many modules were switched.
     """
     switched = 0
     for module in model.modules():
         if hasattr(module, "fuse_qkv"):
-            module.fuse_qkv = True
+            module.fuse_qkv = enabled
             switched += 1
     return switched
 

@@ -341,9 +341,7 @@ def test_fused_qkv_steps_aside_for_decoding_wrapped_mixed_and_placeholder_projec
     ids = tokens(2, 40)
     with torch.no_grad():
         fused_on = lora(ids).logits
-        for module in lora.modules():
-            if hasattr(module, "fuse_qkv"):
-                module.fuse_qkv = False
+        assert kernels.use_fused_qkv(lora, enabled=False) == model.config.num_hidden_layers
         assert torch.equal(lora(ids).logits, fused_on)  # the LoRA update is not lost
 
 
