@@ -1,10 +1,14 @@
 """Does each CPU fast path win on *this* CPU? Times it against the plain op it replaces and checks the rule.
 
 The model takes two CPU paths by rule (``modeling/kernels_bilingual_glm.py``): fp32 linears on oneDNN
-(``onednn_fp32_wins``: AMD only) and bf16 attention as two bf16 matmuls (``fast_bf16``: native bf16 only).
-Rules, not timings at start-up, so a run's numbers never depend on what a first measurement saw; this
-script is how a rule is checked on a new kind of CPU. Shapes are the ``small`` preset's at 16 x 256
-tokens (the benchmark's training batch). Prints one JSON object and a table; exits 0 either way.
+(``onednn_fp32_wins``: the CPU kinds where it was measured to win, ``ONEDNN_FP32_WINS``) and bf16 attention
+as two bf16 matmuls (``fast_bf16``: native bf16 only). Rules, not timings at start-up, so a run's numbers
+never depend on what a first measurement saw; this script is how a rule is checked on a new kind of CPU:
+it prints the kind, whether the rule table knows it, and the rule's verdict next to each measurement, so a
+user can report a row. Shapes are the ``small`` preset's at 16 x 256 tokens (the benchmark's training
+batch). Prints one JSON object and a table; exits 0 either way. Run it under the ISA caps
+(``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``) to check an AVX2-only
+kind on a newer CPU: the rules read the same caps.
 
     python benchmarks/cpu_paths.py [--json kernels.json] [--repeats 20]
 """
@@ -123,9 +127,20 @@ def main() -> None:
         row.update(
             rule_takes_it=rule, wins=row["speedup"] >= WIN, rule_agrees=rule == (row["speedup"] >= WIN)
         )
-    payload = {"cpu": kernels.cpu_info(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    cpu = kernels.cpu_info()
+    kind = kernels.cpu_kind(cpu)
+    payload = {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    payload["kind"] = {"vendor": kind[0], "isa": kind[1], "measured": kind in kernels.ONEDNN_FP32_WINS}
     payload["rows"] = rows
     print(json.dumps(payload, indent=2))
+    known = (
+        "a measured kind" if payload["kind"]["measured"] else "never measured: the rule keeps the plain op"
+    )
+    emulated = f", emulated under an ISA cap at {cpu['isa_cap']}" if cpu["isa_cap"] else ""
+    print(
+        f"CPU: {cpu['model']} (family {cpu['family']} model {cpu['model_number']}, flags {cpu['flags']}"
+        f"{emulated}); kind {kind}: {known}"
+    )
     print("| path | fast GFLOP/s | plain GFLOP/s | speedup | rule takes it | rule agrees |")
     print("|---|---:|---:|---:|---|---|")
     for r in rows:

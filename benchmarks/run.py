@@ -152,7 +152,8 @@ class BenchArgs:
 
 # ----------------------------------------------------------------------------------------- machine
 def machine_info(device: torch.device) -> dict[str, Any]:
-    """The CPU (model, vendor, family, the ISA flags that pick the kernels) and what the rules chose."""
+    """The CPU (model, vendor, family, the ISA flags that pick the kernels, any cap emulating an older
+    kind) and what the rules chose."""
     cpu = cpu_info()
     info: dict[str, Any] = {
         "cpu": cpu["model"],
@@ -160,6 +161,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
         "cpu_family": cpu["family"],
         "cpu_model_number": cpu["model_number"],
         "cpu_flags": cpu["flags"],
+        "cpu_flags_unlimited": cpu["cpu_flags"],
+        "isa_cap": cpu["isa_cap"],  # not None: this CPU ran as an older kind (emulated), see ISA_CAP_ENVS
         "fast_bf16": fast_bf16(device),
         "bf16_env": os.environ.get(BF16_ENV),
         "onednn_fp32_linear": device.type == "cpu" and onednn_fp32_wins(),

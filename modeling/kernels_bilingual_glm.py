@@ -33,14 +33,63 @@ from torch import nn
 # ------------------------------------------------------------------------------------------- device
 BF16_ENV = "BILINGUAL_GLM_BF16"  # "0" / "1": behave as if this machine had no / had native bf16 (CI)
 _CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})  # x86 flags; "bf16" is arm64's Features
+_REPORTED_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "bf16")
+
+# The switches that cap what ATen, oneDNN and MKL may use, so one machine can run as an older CPU (CI runs
+# every model test again under ``=AVX2`` on all three). Each x86 ISA level with the flags it adds; a cap
+# keeps the flags up to its level. A library caps itself at start-up, so a rule must see the same cap:
+# torch's own bf16 routing follows ONEDNN_MAX_CPU_ISA, and so do ``fast_bf16`` and ``onednn_fp32_wins``.
+ISA_CAP_ENVS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+ISA_LEVELS = {  # level -> flags that need at least that level
+    "sse": frozenset(),
+    "avx2": frozenset({"avx2", "fma"}),
+    "avx512": frozenset({"avx512f"}),
+    "avx512_bf16": frozenset({"avx512_bf16"}),
+    "amx": frozenset({"amx_tile", "amx_bf16"}),
+}
+
+
+def isa_cap(environ: dict[str, str] | None = None) -> str | None:
+    """The narrowest ISA level any of ``ISA_CAP_ENVS`` allows (a key of ``ISA_LEVELS``), or None: no cap.
+
+    Values as each library spells them (``avx2``, ``AVX2_VNNI``, ``AVX512_CORE_BF16``, ``AVX512_E1``,
+    ``AVX512_CORE_AMX``, ``default``, ``SSE41``); anything naming neither AMX, BF16, AVX512 nor AVX2 caps at
+    SSE, the conservative reading. MKL's ``AVX512_E2..E4`` read as plain AVX-512 (bf16 not assumed).
+    """
+    environ = os.environ if environ is None else environ
+    levels = list(ISA_LEVELS)
+    narrowest = None
+    for name in ISA_CAP_ENVS:
+        value = environ.get(name, "").strip().upper()
+        if not value:
+            continue
+        if "AMX" in value:
+            level = "amx"
+        elif "BF16" in value:
+            level = "avx512_bf16"
+        else:
+            level = "avx512" if "AVX512" in value else "avx2" if "AVX2" in value else "sse"
+        if narrowest is None or levels.index(level) < levels.index(narrowest):
+            narrowest = level
+    return narrowest
+
+
+def usable_flags(flags: set[str], cap: str | None) -> set[str]:
+    """The CPU's x86 ISA flags the libraries may use under ``cap`` (all of them without one)."""
+    if cap is None:
+        return set(flags)
+    levels = list(ISA_LEVELS)
+    above = set().union(*(ISA_LEVELS[level] for level in levels[levels.index(cap) + 1 :]))
+    return set(flags) - above
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_info() -> dict[str, Any]:
-    """Vendor, family, model and ISA flags of this CPU, from ``/proc/cpuinfo`` (empty where there is none).
+    """Vendor, family, model and the ISA flags the libraries may use (``/proc/cpuinfo`` under ``isa_cap``).
 
     The CPU decides which kernel is fastest, and machines differ from run to run, so every benchmark
-    and log records this next to its figures.
+    and log records this next to its figures; ``isa_cap`` says whether the kind was emulated by a cap,
+    ``cpu_flags`` what the CPU itself has.
     """
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
@@ -51,24 +100,37 @@ def cpu_info() -> dict[str, Any]:
         match = re.search(rf"^{name}\s*:(.*)$", text, flags=re.MULTILINE)
         return match.group(1).strip() if match else ""
 
-    flags = set((field("flags") or field("Features")).split())
+    flags = set((field("flags") or field("Features")).split()) & set(_REPORTED_FLAGS)
+    cap = isa_cap()
     return {
         "model": field("model name") or platform.processor() or platform.machine(),
         "vendor": field("vendor_id") or field("CPU implementer"),
         "family": field("cpu family"),
         "model_number": field("model"),
-        "flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "bf16"}),
+        "flags": sorted(usable_flags(flags, cap)),
+        "cpu_flags": sorted(flags),
+        "isa_cap": cap,
     }
+
+
+def cpu_kind(cpu: dict[str, Any]) -> tuple[str, str]:
+    """(vendor, widest usable ISA level): what decides which CPU kernel wins, e.g. ("AuthenticAMD", "avx2")."""
+    flags = set(cpu["flags"])
+    level = next(
+        (level for level in reversed(ISA_LEVELS) if ISA_LEVELS[level] and ISA_LEVELS[level] & flags), "sse"
+    )
+    return cpu["vendor"], level
 
 
 def fast_bf16(device: torch.device | str = "cpu") -> bool:
     """Whether bf16 math on ``device`` is native, i.e. faster than fp32 rather than emulated.
 
-    CUDA: what torch reports. CPU: AVX512-BF16 or AMX-BF16 (x86), BF16 (arm64). Without these, CPU bf16
-    matmuls are emulated and many times slower than fp32 (AMD Zen 3). Every bf16 default in the package
-    (train.py's ``--mixed_precision auto``, finetune.py, the benchmarks, the bf16 attention path) asks
-    this one function. ``BILINGUAL_GLM_BF16=0`` makes it say no and ``=1`` yes on any device, so one
-    machine can run the code paths of the other kind (CI does both); unset or ``auto``: detect.
+    CUDA: what torch reports. CPU: AVX512-BF16 or AMX-BF16 (x86), BF16 (arm64), as usable under
+    ``isa_cap``. Without these, CPU bf16 matmuls are emulated and many times slower than fp32 (AMD Zen 3).
+    Every bf16 default in the package (train.py's ``--mixed_precision auto``, finetune.py, the benchmarks,
+    the bf16 attention path) asks this one function. ``BILINGUAL_GLM_BF16=0`` makes it say no and ``=1``
+    yes on any device, so one machine can run the code paths of the other kind (CI does both); unset or
+    ``auto``: detect. Forcing it changes only our choices: the libraries still run this CPU's kernels.
     """
     forced = os.environ.get(BF16_ENV, "auto").strip().lower()
     if forced not in ("auto", "", "0", "1"):
@@ -83,15 +145,28 @@ def fast_bf16(device: torch.device | str = "cpu") -> bool:
     return False
 
 
+# Does oneDNN's fp32 matmul beat MKL's sgemm on the model's shapes (fwd + both bwd matmuls, 2 cores)? One
+# entry per measured kind (``cpu_kind``), figures in benchmarks/README.md ("CPU kinds"); pinned one row
+# per kind in tests/test_hardware.py. A kind not listed was never measured and keeps torch's default.
+ONEDNN_FP32_WINS = {
+    # Zen 5 (EPYC 9B45): 2.3x; Zen 4 (EPYC family 25 model 17): wins on every projection
+    ("AuthenticAMD", "avx512_bf16"): True,
+    # Zen 3 (EPYC family 25 model 1): 0.82-0.87; Zen 4 capped at AVX2: loses on all but one projection
+    ("AuthenticAMD", "avx2"): False,
+    # Xeon with AMX (family 6 model 143 / 167): MKL faster
+    ("GenuineIntel", "amx"): False,
+}
+
+
 def onednn_fp32_wins() -> bool:
     """Whether CPU fp32 linears should run on oneDNN rather than torch's default (MKL's sgemm).
 
-    Measured on the model's shapes, 2 cores (``benchmarks/cpu_paths.py``; figures in benchmarks/README.md):
-    on AMD Zen 5 MKL's sgemm ran at 45 % of oneDNN's fp32 matmul (210 vs 490 GFLOP/s); on an Intel Xeon
-    with AMX MKL was the faster of the two. So oneDNN is taken on AMD only: the one vendor where it was
-    measured to win (other CPUs keep torch's default until someone measures them).
+    Keyed to the CPU kind (vendor and widest usable ISA: ``cpu_kind``), since that decides which library's
+    sgemm is faster: on AMD with AVX-512 MKL runs its generic kernels and oneDNN its AVX-512 ones; capped
+    at AVX2 (Zen 3, or any AMD under ``ONEDNN_MAX_CPU_ISA=AVX2``) both run AVX2 and MKL's is faster.
+    Unmeasured kinds get the plain op (``ONEDNN_FP32_WINS``).
     """
-    return cpu_info()["vendor"] == "AuthenticAMD"
+    return ONEDNN_FP32_WINS.get(cpu_kind(cpu_info()), False)
 
 
 # ------------------------------------------------------------------------------------------- linear
@@ -119,8 +194,8 @@ def _use_onednn(a: torch.Tensor, b: torch.Tensor) -> bool:
     """fp32 on CPU where oneDNN wins (``onednn_fp32_wins``), a matmul big enough, outside autocast and
     compilation, oneDNN enabled.
 
-    torch sends CPU fp32 matmuls to MKL's sgemm; on AMD Zen that ran at 45 % of oneDNN's fp32 matmul
-    (same shapes, same IEEE fp32 arithmetic). bf16 already goes to oneDNN, and autocast and
+    torch sends CPU fp32 matmuls to MKL's sgemm; on AMD Zen 5 that ran at 45 % of oneDNN's fp32 matmul
+    (same shapes, same IEEE fp32 arithmetic); on AVX2-only AMD and on Intel MKL is the faster. bf16 already goes to oneDNN, and autocast and
     ``torch.compile`` pick their own kernels. ``torch.backends.mkldnn.flags(enabled=False)`` turns this off.
     """
     return (
@@ -200,7 +275,7 @@ def use_onednn_linears(model: nn.Module) -> int:
     The modules stay the same objects (only their class changes), so parameters, tied weights, hooks and
     state-dict names are untouched and the swap can be undone by setting ``__class__`` back. Subclasses
     (LoRA, quantized layers) are left alone. Each call still follows ``_use_onednn``: on CPUs where oneDNN
-    loses (``onednn_fp32_wins``: Intel), under autocast, or for small matmuls it runs ``F.linear``.
+    loses (``onednn_fp32_wins``: Intel, AVX2-only AMD, unmeasured kinds), under autocast, or for small matmuls it runs ``F.linear``.
     Returns how many modules were switched.
     """
     switched = 0

