@@ -33,6 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..configuration.configuration_bilingual_glm import BilingualGlmConfig  # flat in exported folders
 from .kernels_bilingual_glm import (
+    fast_bf16,
     is_plain_linear,
     linear_cross_entropy,
     matmul_attention_forward,
@@ -47,6 +48,16 @@ _MASK_TAKES_CACHE_POSITION = "cache_position" in inspect.signature(create_causal
 
 # ---------------------------------------------------------------------------------------- attention
 CPU_BF16_ATTENTION = "cpu_bf16_matmul"
+# transformers 5 looks kernels up with ``get_interface`` (and lets ``set_attn_implementation`` switch a model
+# only if its attention does); 4.57 has only ``ALL_ATTENTION_FUNCTIONS[name]``.
+HAS_GET_INTERFACE = hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface")
+
+
+def cpu_bf16_attention_is_default() -> bool:
+    """The rule for a model loaded without ``attn_implementation``: ``cpu_bf16_matmul`` where its matmul path
+    can pay, i.e. no CUDA and a CPU with native bf16 (``fast_bf16("cpu")``); elsewhere transformers' default
+    (``sdpa``), which is then also what runs. A name asked for is always the one used."""
+    return not torch.cuda.is_available() and fast_bf16("cpu")
 
 
 def cpu_bf16_attention_forward(
@@ -182,6 +193,17 @@ def default_position_ids(
         return torch.arange(past_len, past_len + q_len, device=device)[None]  # [1, T]
     positions = attention_mask.long().cumsum(-1) - 1  # [B, past + T]
     return positions.clamp(min=0)[:, -q_len:].to(device)
+
+
+def drop_generation_ids_outside_vocab(generation_config: Any, vocab_size: int) -> None:
+    """After a shrinking resize: the generation config's pad/bos/eos ids the vocabulary lost go, as the model
+    config's do (``BilingualGlmConfig._drop_token_ids_outside_vocab``; the config's warning names them)."""
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(generation_config, name, None)
+        if isinstance(value, (list, tuple)):
+            setattr(generation_config, name, [i for i in value if i < vocab_size] or None)
+        elif isinstance(value, int) and value >= vocab_size:
+            setattr(generation_config, name, None)
 
 
 # ------------------------------------------------------------------------------------- input checks
