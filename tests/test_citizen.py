@@ -9,8 +9,12 @@ custom 4D masks, and ``torch.compile(fullgraph=True)`` / compiled static-cache g
 
 import copy
 import inspect
+import os
 import re
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,6 +224,29 @@ def test_tp_plan_is_native_glms():
     for pattern in ours.config.base_model_tp_plan:
         regex = re.compile(pattern.replace(".", r"\.").replace("*", r"\d+") + r"\.")
         assert any(regex.match(name) for name in names), pattern
+
+
+def test_tp_plan_auto_shards_ours_and_native_alike(tmp_path):
+    """``from_pretrained(tp_plan="auto")`` on 2 CPU processes (torchrun, gloo): each rank holds half of
+    q_proj, and ours gives the unsharded logits and greedy tokens, as native glm does from the same weights."""
+    model = perturbed_model(seed=9)
+    model.save_pretrained(tmp_path / "ours")
+    to_transformers_glm(model).save_pretrained(tmp_path / "native")
+    worker = Path(__file__).with_name("tp_worker.py")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [str(worker), str(tmp_path / "ours"), str(tmp_path / "native"), str(tmp_path / "out.pt")]
+    result = subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = torch.load(tmp_path / "out.pt")
+    ids = torch.randint(11, 1024, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        greedy = model.generate(ids[:, :5], max_new_tokens=5, do_sample=False)
+    for name in ("ours", "native"):
+        assert sharded[name]["q_rows"] == model.config.num_attention_heads * model.config.head_dim // 2
+        assert max_delta(sharded[name]["logits"], reference) <= TOLERANCE
+        assert torch.equal(sharded[name]["greedy"], greedy)
 
 
 # ------------------------------------------------------------------------------------------- init
