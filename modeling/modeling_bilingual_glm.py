@@ -315,7 +315,7 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # value checks step aside inside torch.compile (utils: check_*)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -411,9 +411,10 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        past_len = cache.get_seq_length() if cache is not None else 0
-        if input_ids is not None and past_len == 0:
-            check_token_ids(self.config, input_ids)  # prefill and training only: decoding stays sync-free
+        past_len = cache.get_seq_length() if cache is not None else 0  # a tensor for static caches
+        check_values = not torch.compiler.is_compiling() and bool(past_len == 0)  # syncs: eager prefill only
+        if input_ids is not None and check_values:
+            check_token_ids(self.config, input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
@@ -422,7 +423,7 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
         mask = attention_mask_for(self.config, attention_mask, prefix_lengths, cache, past_len, inputs_embeds)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past_len, q_len, inputs_embeds.device)
-        check_positions(self.config, position_ids, batch, q_len, check_values=past_len == 0)
+        check_positions(self.config, position_ids, batch, q_len, check_values=check_values)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states, all_hidden, all_attentions = self._run_layers(
             inputs_embeds, position_embeddings, mask, cache, output_hidden_states, output_attentions, kwargs

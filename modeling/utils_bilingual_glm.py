@@ -161,8 +161,8 @@ def attention_mask_for(
     implementation = config._attn_implementation or "eager"
     if prefix_lengths is not None:
         prefix_lengths = check_prefix(config, prefix_lengths, batch, q_len, past_len, inputs_embeds.device)
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: the plain causal mask (None where the kernel allows)
+    if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+        attention_mask = None  # no padding: the plain causal mask (None where the kernel allows); a sync
     functions = {}
     if prefix_lengths is not None:
         functions["or_mask_function"] = prefix_mask_function(prefix_lengths)
@@ -190,7 +190,7 @@ def default_position_ids(
 ) -> torch.Tensor:
     """Positions from a 2D padding mask, so left-padded rows start at 0 like their unpadded selves."""
     if attention_mask is None or attention_mask.dim() != 2:
-        return torch.arange(past_len, past_len + q_len, device=device)[None]  # [1, T]
+        return torch.arange(q_len, device=device)[None] + past_len  # [1, T]; past_len may be a tensor
     positions = attention_mask.long().cumsum(-1) - 1  # [B, past + T]
     return positions.clamp(min=0)[:, -q_len:].to(device)
 
@@ -226,7 +226,11 @@ def check_prefix(
         raise ValueError(
             f"prefix_lengths must have shape [batch]=[{batch}], got {tuple(prefix_lengths.shape)}"
         )
-    if past_len == 0 and (int(prefix_lengths.min()) < 0 or int(prefix_lengths.max()) > q_len):
+    if (
+        not torch.compiler.is_compiling()
+        and past_len == 0
+        and not 0 <= prefix_lengths.min() <= prefix_lengths.max() <= q_len
+    ):
         raise ValueError(
             f"prefix_lengths must be in [0, sequence length={q_len}], got {prefix_lengths.tolist()}"
         )
@@ -234,8 +238,11 @@ def check_prefix(
 
 
 def check_token_ids(config: BilingualGlmConfig, input_ids: torch.Tensor) -> None:
-    """An id outside the vocabulary would fail deep in the embedding lookup (or silently on GPU)."""
-    if input_ids.numel() == 0:
+    """An id outside the vocabulary would fail deep in the embedding lookup (or silently on GPU).
+
+    Like every value check here (each one a device sync), skipped inside ``torch.compile``: a full graph
+    cannot branch on tensor values."""
+    if input_ids.numel() == 0 or torch.compiler.is_compiling():
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= config.vocab_size:
@@ -263,7 +270,7 @@ def check_positions(
             f"position_ids must be [batch={batch}, {q_len}] or [batch, 2, {q_len}], "
             f"got shape {tuple(position_ids.shape)}"
         )
-    if check_values and position_ids.numel() and int(position_ids.min()) < 0:
+    if check_values and position_ids.numel() and not torch.compiler.is_compiling() and position_ids.min() < 0:
         raise ValueError(f"position_ids must be >= 0, got minimum {int(position_ids.min())}")
     if position_ids.dim() == 3:
         if position_ids.shape[1] != 2:

@@ -315,3 +315,69 @@ def test_custom_4d_attention_mask(implementation):
             for index in range(3):
                 alone = model(torch.cat((shared, tails[index]))[None]).logits
                 assert max_delta(packed_logits[0, 4 + 2 * index : 6 + 2 * index], alone[0, 4:]) <= TOLERANCE
+
+
+# ---------------------------------------------------------------------------------------------- compile
+def glm_inputs(batch: int = 2, length: int = 8) -> dict:
+    """GLM's own inputs: left padding, 2D positions (a span at the end) and prefix lengths."""
+    padding = torch.ones(batch, length, dtype=torch.long)
+    padding[0, :2] = 0
+    blocks = torch.tensor([0] * (length - 3) + [1, 2, 3])
+    positions = torch.stack((torch.arange(length).clamp(max=length - 4), blocks))[None].expand(batch, -1, -1)
+    return dict(
+        input_ids=tokens(batch, length),
+        attention_mask=padding,
+        position_ids=positions.contiguous(),
+        prefix_lengths=torch.full((batch,), length - 3),
+    )
+
+
+def test_compiled_forward_fullgraph_with_2d_positions_and_prefix():
+    """torch.compile(fullgraph=True) traces GLM's inputs in one graph (value checks step aside) and gives
+    the eager logits; with 1D positions the compiled model gives native's logits."""
+    assert BilingualGlmForCausalLM._can_compile_fullgraph
+    ours = perturbed_model(seed=8)
+    ours.set_attn_implementation("sdpa")
+    compiled = torch.compile(ours, fullgraph=True, dynamic=False)
+    inputs = glm_inputs()
+    with torch.no_grad():
+        assert (
+            max_delta(compiled(**inputs, use_cache=False).logits, ours(**inputs, use_cache=False).logits)
+            <= TOLERANCE
+        )
+
+
+def test_compiled_static_cache_generation_with_2d_positions_and_prefix():
+    """generate(cache_implementation="static") with transformers' own compiled forward (fullgraph) gives the
+    tokens of eager generation with a dynamic cache, for GLM's 2D positions and prefix."""
+    from transformers import CompileConfig
+
+    ours = perturbed_model(seed=8)
+    ours.set_attn_implementation("sdpa")
+    compile_config = CompileConfig(fullgraph=True, dynamic=False)
+    compile_config._compile_all_devices = True  # transformers auto-compiles on accelerators only, else
+    greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    inputs = glm_inputs()
+    eager = ours.generate(**inputs, **greedy)
+    static = ours.generate(**inputs, cache_implementation="static", compile_config=compile_config, **greedy)
+    assert hasattr(ours, "_compiled_call")  # generate did run the compiled forward
+    assert torch.equal(static, eager)
+
+
+@pytest.mark.slow
+def test_compiled_static_cache_generation_matches_native():
+    from transformers import CompileConfig
+
+    ours = perturbed_model(seed=8)
+    native = to_transformers_glm(ours)
+    greedy = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    inputs = {key: glm_inputs()[key] for key in ("input_ids", "attention_mask")}
+    results = []
+    for model in (ours, native):
+        model.set_attn_implementation("sdpa")
+        compile_config = CompileConfig(fullgraph=True, dynamic=False)
+        compile_config._compile_all_devices = True
+        results.append(
+            model.generate(**inputs, cache_implementation="static", compile_config=compile_config, **greedy)
+        )
+    assert torch.equal(*results)
