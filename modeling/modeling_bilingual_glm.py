@@ -14,9 +14,9 @@ With 1D positions (or block positions all zero) and no prefix this is exactly tr
 ``GlmForCausalLM`` (``Glm4ForCausalLM`` with sandwich norms), weight name for weight name;
 ``bilingual_glm.conversion`` moves checkpoints both ways.
 
-CPU fast paths are opt-in and named (bodies in ``kernels_bilingual_glm.py``): the default
+CPU fast paths are opt-in and named (bodies in ``kernels_bilingual_glm.py``):
 ``attn_implementation="cpu_bf16_matmul"`` (SDPA, or two bf16 matmuls on a CPU with native bf16 under bf16
-compute), ``use_onednn_linears`` (a module swap), ``use_fused_qkv`` (q/k/v as one GEMM), a chunked loss.
+compute; the default only there, without CUDA, else ``sdpa``: ``get_correct_attn_implementation``), ``use_onednn_linears`` (a module swap), ``use_fused_qkv`` (q/k/v as one GEMM), a chunked loss.
 Masks, input checks and export live in ``utils_bilingual_glm.py``. All three files ship as Hub remote
 code, so they import only public transformers API.
 """

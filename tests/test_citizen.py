@@ -238,7 +238,7 @@ def test_tp_plan_auto_shards_ours_and_native_alike(tmp_path):
     args = [str(worker), str(tmp_path / "ours"), str(tmp_path / "native"), str(tmp_path / "out.pt")]
     result = subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    sharded = torch.load(tmp_path / "out.pt")
+    sharded = torch.load(tmp_path / "out.pt", weights_only=True)
     ids = torch.randint(11, 1024, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         reference = model(ids).logits
