@@ -267,8 +267,11 @@ def config_from_chatglm(
         rms_norm_eps=cfg["layernorm_epsilon"],
         attention_bias=bool(cfg["add_qkv_bias"]),
         attention_dropout=cfg["attention_dropout"],
-        rope_theta=10000.0 * float(cfg["rope_ratio"] or 1),
-        partial_rotary_factor=0.5,
+        rope_parameters={  # a `rope_scaling` dict (long-context variants) keeps its type and factor
+            **(cfg.get("rope_scaling") or {}),
+            "rope_theta": 10000.0 * float(cfg["rope_ratio"] or 1),
+            "partial_rotary_factor": 0.5,
+        },
         tie_word_embeddings=tie_word_embeddings,
         eos_token_id=(eos[0] if len(eos) == 1 else eos) if eos else None,
         pad_token_id=cfg.get("pad_token_id"),

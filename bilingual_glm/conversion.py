@@ -163,11 +163,7 @@ def glm_config_from_ours(
 ) -> PretrainedConfig:
     """Native ``GlmConfig`` (or ``Glm4Config``) with the same geometry; GLM token ids ride along as extras."""
     fields = {name: getattr(config, name) for name in _SHARED_CONFIG_FIELDS}
-    fields["rope_parameters"] = {
-        "rope_type": "default",
-        "rope_theta": config.rope_theta,
-        "partial_rotary_factor": config.partial_rotary_factor,
-    }
+    fields["rope_parameters"] = dict(config.rope_parameters)  # type, theta, factor...: native's own keys
     extras = {name: getattr(config, name) for name in GLM_TOKEN_FIELDS}
     native = config_class(**fields, **extras)
     native.eos_token_id = config.eos_token_id  # Glm4Config replaces None by GLM-4-0414's own ids
@@ -177,11 +173,10 @@ def glm_config_from_ours(
 def ours_config_from_glm(config: PretrainedConfig, sandwich_norms: bool = False) -> BilingualGlmConfig:
     """Our config from a native ``glm`` (or, with ``sandwich_norms``, ``glm4``) one."""
     fields = {name: getattr(config, name) for name in _SHARED_CONFIG_FIELDS}
-    rope = dict(getattr(config, "rope_parameters", None) or {})
-    fields["rope_theta"] = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    fields["partial_rotary_factor"] = rope.get(
-        "partial_rotary_factor", getattr(config, "partial_rotary_factor", 0.5)
-    )
+    rope = dict(getattr(config, "rope_parameters", None) or {})  # scaling type and factor ride along
+    rope.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope.setdefault("partial_rotary_factor", getattr(config, "partial_rotary_factor", 0.5))
+    fields["rope_parameters"] = rope
     for name in GLM_TOKEN_FIELDS:  # keep ids a round trip carried; native configs have none
         fields[name] = getattr(config, name, None)
     return BilingualGlmConfig(**fields, sandwich_norms=sandwich_norms)

@@ -11,6 +11,7 @@ so one file serves every transformers version the exported folder must load in.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -136,6 +137,8 @@ _POSITIVE_INT_FIELDS = (
     "max_position_embeddings",
 )
 _TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", *GLM_TOKEN_FIELDS)
+# The rope types transformers' native ``glm`` takes that this model applies (and tests against native).
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 
 class BilingualGlmConfig(PretrainedConfig):
@@ -157,6 +160,21 @@ class BilingualGlmConfig(PretrainedConfig):
 
     model_type = "bilingual_glm"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # Native ``GlmConfig``'s plans, entry for entry (same module names): ``from_pretrained(tp_plan="auto")``
+    # shards q/k/v and gate_up by columns, o/down by rows; gate_up is gathered because ``chunk`` splits it.
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_up_proj": "colwise_gather_output",
+        "layers.*.mlp.down_proj": "rowwise_split_input",
+    }
+    base_model_pp_plan = {
+        "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+        "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+        "norm": (["hidden_states"], ["hidden_states"]),
+    }
 
     def __init__(
         self,
@@ -175,9 +193,10 @@ class BilingualGlmConfig(PretrainedConfig):
         attention_bias: bool = True,
         attention_dropout: float = 0.0,
         sandwich_norms: bool = False,
-        # rotary
+        # rotary (``rope_parameters`` wins over the two flat fields, which older folders carry)
         rope_theta: float = 10000.0,
         partial_rotary_factor: float = 0.5,
+        rope_parameters: dict[str, Any] | None = None,
         # init / heads / cache
         initializer_range: float = 0.02,
         tie_word_embeddings: bool = False,
@@ -193,15 +212,16 @@ class BilingualGlmConfig(PretrainedConfig):
         eop_token_id: int | None = _OWN_TOKEN_IDS["eop_token_id"],
         **kwargs: Any,
     ) -> None:
-        # Older configs (and native GlmConfig in 5.x) carry the rope settings as a dict.
-        rope_parameters = kwargs.pop("rope_parameters", None) or {}
-        rope_theta = rope_parameters.get("rope_theta", rope_theta)
-        partial_rotary_factor = rope_parameters.get("partial_rotary_factor", partial_rotary_factor)
-        if rope_parameters.get("rope_type", "default") != "default":
-            raise ValueError(
-                f"rope_parameters.rope_type: only 'default' RoPE is supported, got {rope_parameters['rope_type']!r}"
-            )
-
+        # transformers 5 keeps theta and the scaling in one ``rope_parameters`` dict; 4.x configs and folders
+        # saved before it existed carry ``rope_theta`` / ``partial_rotary_factor`` / ``rope_scaling`` instead.
+        self.rope_parameters = rope_parameters_from(
+            rope_parameters or kwargs.pop("rope_scaling", None),
+            rope_theta,
+            partial_rotary_factor,
+            max_position_embeddings,
+        )
+        kwargs.pop("rope_scaling", None)
+        self._validate_rope_parameters()  # before transformers 5's own check, which raises KeyError
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -215,8 +235,6 @@ class BilingualGlmConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
         self.sandwich_norms = sandwich_norms
-        self.rope_theta = rope_theta
-        self.partial_rotary_factor = partial_rotary_factor
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.mask_token_id = mask_token_id
@@ -232,6 +250,35 @@ class BilingualGlmConfig(PretrainedConfig):
             **kwargs,
         )
         self.validate_bilingual_glm()
+
+    @property
+    def rope_theta(self) -> float:
+        """RoPE base, kept in ``rope_parameters`` (transformers 5); the flat name stays for old code."""
+        return self.rope_parameters["rope_theta"]
+
+    @rope_theta.setter
+    def rope_theta(self, value: float) -> None:
+        self.rope_parameters["rope_theta"] = value
+
+    @property
+    def partial_rotary_factor(self) -> float:
+        """Fraction of each head rotated by the token position (as much again by the block position)."""
+        return self.rope_parameters["partial_rotary_factor"]
+
+    @partial_rotary_factor.setter
+    def partial_rotary_factor(self, value: float) -> None:
+        self.rope_parameters["partial_rotary_factor"] = value
+
+    @property
+    def rope_scaling(self) -> dict[str, Any] | None:
+        """transformers 4.x's name for the scaling dict (its rope functions read ``factor`` there)."""
+        return None if self.rope_parameters["rope_type"] == "default" else self.rope_parameters
+
+    @rope_scaling.setter
+    def rope_scaling(self, value: dict[str, Any] | None) -> None:
+        self.rope_parameters = rope_parameters_from(
+            value, self.rope_theta, self.partial_rotary_factor, self.max_position_embeddings
+        )
 
     @property
     def rotary_dim(self) -> int:
@@ -269,15 +316,56 @@ class BilingualGlmConfig(PretrainedConfig):
             raise ValueError(f"sandwich_norms must be True or False, got {self.sandwich_norms!r}")
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (GLM-4's SwiGLU), got {self.hidden_act!r}")
+        self._validate_rope_parameters()
+        self._drop_token_ids_outside_vocab()
+
+    def _validate_rope_parameters(self) -> None:
+        rope = self.rope_parameters
+        if rope["rope_type"] not in ROPE_TYPES:
+            raise ValueError(
+                f"rope_parameters.rope_type must be one of {ROPE_TYPES}, got {rope['rope_type']!r}"
+            )
+        if rope["rope_type"] != "default":
+            factor = rope.get("factor")
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1.0:
+                raise ValueError(
+                    f"rope_parameters.factor must be a number >= 1 for {rope['rope_type']!r}, got {factor!r}"
+                )
+        if rope["rope_type"] == "yarn":
+            original = rope.get("original_max_position_embeddings")
+            if isinstance(original, bool) or not isinstance(original, int) or original <= 0:
+                raise ValueError(
+                    f"rope_parameters.original_max_position_embeddings must be a positive integer, got {original!r}"
+                )
+
+    def _drop_token_ids_outside_vocab(self) -> None:
+        """Ids must be non-negative integers (else ``ValueError``); ids ``>= vocab_size`` are dropped with a warning.
+
+        Dropped, not refused: ``resize_token_embeddings`` to a smaller vocabulary (and every config rebuilt from
+        it) must work, and an id the embedding no longer has cannot be used anyway."""
+        dropped = []
         for name in _TOKEN_ID_FIELDS:
             value = getattr(self, name, None)
-            for token_id in value if isinstance(value, (list, tuple)) else [value]:
-                if token_id is not None and not (
-                    isinstance(token_id, int) and 0 <= token_id < self.vocab_size
+            ids = list(value) if isinstance(value, (list, tuple)) else [value]
+            for token_id in ids:
+                if token_id is not None and (
+                    isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0
                 ):
-                    raise ValueError(
-                        f"{name} must be None or an id in [0, vocab_size={self.vocab_size}), got {value!r}"
-                    )
+                    raise ValueError(f"{name} must be None or a non-negative integer id, got {value!r}")
+            kept = [token_id for token_id in ids if token_id is None or token_id < self.vocab_size]
+            if len(kept) == len(ids):
+                continue
+            dropped.append(f"{name}={value!r}")
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, kept or None)
+            else:
+                setattr(self, name, None)
+        if dropped:
+            warnings.warn(
+                f"special token ids outside the vocabulary (vocab_size={self.vocab_size}) dropped from the config: "
+                + ", ".join(dropped),
+                stacklevel=3,
+            )
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> BilingualGlmConfig:
@@ -285,6 +373,24 @@ class BilingualGlmConfig(PretrainedConfig):
         if name not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def rope_parameters_from(
+    given: dict[str, Any] | None,
+    rope_theta: float,
+    partial_rotary_factor: float,
+    max_position_embeddings: int,
+) -> dict[str, Any]:
+    """transformers 5's ``rope_parameters`` from any saved form: a 5.x dict, a 4.x ``rope_scaling`` dict
+    (``type`` or ``rope_type``, theta and factor beside it), or nothing (folders from before either)."""
+    rope = dict(given or {})
+    legacy_type = rope.pop("type", "default")
+    rope.setdefault("rope_type", legacy_type)
+    rope.setdefault("rope_theta", rope_theta)
+    rope.setdefault("partial_rotary_factor", partial_rotary_factor)
+    if rope["rope_type"] == "yarn":
+        rope.setdefault("original_max_position_embeddings", max_position_embeddings)
+    return rope
 
 
 def _safe_div(numerator: Any, denominator: Any) -> Any:
@@ -299,4 +405,11 @@ def _safe_div(numerator: Any, denominator: Any) -> Any:
     return denominator
 
 
-__all__ = ["BilingualGlmConfig", "GLM_SPECIAL_TOKENS", "GLM_TOKEN_FIELDS", "PRESETS", "SPECIAL_TOKEN_FIELDS"]
+__all__ = [
+    "BilingualGlmConfig",
+    "GLM_SPECIAL_TOKENS",
+    "GLM_TOKEN_FIELDS",
+    "PRESETS",
+    "ROPE_TYPES",
+    "SPECIAL_TOKEN_FIELDS",
+]

@@ -14,9 +14,9 @@ With 1D positions (or block positions all zero) and no prefix this is exactly tr
 ``GlmForCausalLM`` (``Glm4ForCausalLM`` with sandwich norms), weight name for weight name;
 ``bilingual_glm.conversion`` moves checkpoints both ways.
 
-CPU fast paths are opt-in and named (bodies in ``kernels_bilingual_glm.py``): the default
+CPU fast paths are opt-in and named (bodies in ``kernels_bilingual_glm.py``):
 ``attn_implementation="cpu_bf16_matmul"`` (SDPA, or two bf16 matmuls on a CPU with native bf16 under bf16
-compute), ``use_onednn_linears`` (a module swap), ``use_fused_qkv`` (q/k/v as one GEMM), a chunked loss.
+compute; the default only there, without CUDA, else ``sdpa``: ``get_correct_attn_implementation``), ``use_onednn_linears`` (a module swap), ``use_fused_qkv`` (q/k/v as one GEMM), a chunked loss.
 Masks, input checks and export live in ``utils_bilingual_glm.py``. All three files ship as Hub remote
 code, so they import only public transformers API.
 """
@@ -37,6 +37,7 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..configuration.configuration_bilingual_glm import BilingualGlmConfig  # flat in exported folders
@@ -45,12 +46,15 @@ from .utils_bilingual_glm import (  # masks, input checks, export: the support c
     AUTO_MAP,
     CACHE_FIELD,
     CPU_BF16_ATTENTION,
+    HAS_GET_INTERFACE,
     attention_mask_for,
     build_attention_mask,
     causal_lm_loss,
     check_positions,
     check_token_ids,
+    cpu_bf16_attention_is_default,
     default_position_ids,
+    drop_generation_ids_outside_vocab,
     write_remote_code,
 )
 
@@ -89,13 +93,22 @@ class BilingualGlmRotaryEmbedding(nn.Module):
     also rotate dims ``[r, 2r)`` by the block position; a block position of 0 is the identity, which is
     why GLM-4 checkpoints run unchanged. Where the block slice fits, 1D positions get it too, at angle 0:
     the rotation kernel then sees the same shapes as for zero block positions and gives the same bits.
+
+    RoPE scaling (``config.rope_parameters["rope_type"]``: linear, dynamic, yarn) uses transformers' own
+    frequency functions, so both slices turn at the scaled frequencies ``f`` (long answers count block
+    positions as far as the prompt counts positions). YaRN's ``attention_factor`` multiplies the position
+    slice only, as native scales only its rotary dims: a block position of 0 stays the identity, so 1D
+    positions equal native ``glm`` with the same ``rope_parameters``.
     """
 
     def __init__(self, config: BilingualGlmConfig, device: torch.device | None = None) -> None:
         super().__init__()
         self.config = config
-        self.rope_type = "default"
-        inv_freq, _ = self.compute_default_rope_parameters(config, device)
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        default = self.compute_default_rope_parameters
+        self.rope_init_fn = default if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = self.rope_init_fn(config, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
 
@@ -109,16 +122,19 @@ class BilingualGlmRotaryEmbedding(nn.Module):
         return inv_freq.to(device), 1.0
 
     @torch.no_grad()
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return cos, sin of shape ``[B, 1, T, n_pairs]`` (n_pairs = r, or r/2 if ``2r > head_dim``)."""
-        inv_freq = self.inv_freq.to(device=position_ids.device, dtype=torch.float)
+    @dynamic_rope_update  # "dynamic" RoPE: transformers' own inv_freq update for long inputs
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin in ``x``'s dtype, shape ``[B, 1, T, n_pairs]`` (n_pairs = r, or r/2 if ``2r > head_dim``)."""
+        inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float)
         freqs = position_ids[..., None].float() * inv_freq  # [B, T, r/2] or [B, 2, T, r/2]
         if position_ids.dim() == 3:
-            freqs = torch.cat((freqs[:, 0], freqs[:, 1]), dim=-1)  # [B, T, r]
-        elif 2 * self.config.rotary_dim <= self.config.head_dim:
-            freqs = F.pad(freqs, (0, freqs.shape[-1]))  # [B, T, r]: block position 0
-        freqs = freqs.unsqueeze(1)  # [B, 1, T, n_pairs]: broadcast over heads
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+            freqs, block = freqs[:, 0], freqs[:, 1]
+        else:  # block position 0 where the slice fits
+            block = torch.zeros_like(freqs) if 2 * self.config.rotary_dim <= self.config.head_dim else None
+        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        if block is not None:
+            cos, sin = torch.cat((cos, block.cos()), dim=-1), torch.cat((sin, block.sin()), dim=-1)
+        return cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)  # broadcast over heads
 
 
 def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -200,8 +216,14 @@ class BilingualGlmAttention(nn.Module):
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
-        kernel = self.config._attn_implementation or "eager"
-        attention = eager_attention_forward if kernel == "eager" else ALL_ATTENTION_FUNCTIONS[kernel]
+        if HAS_GET_INTERFACE:  # transformers 5: the lookup ``set_attn_implementation`` switches at run time
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(
+                self.config._attn_implementation, eager_attention_forward
+            )
+        elif self.config._attn_implementation in (None, "eager"):  # transformers 4.57 (no get_interface)
+            attention = eager_attention_forward
+        else:
+            attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         dropout = self.attention_dropout if self.training else 0.0
         output, weights = attention(
             self, query, key, value, attention_mask, dropout=dropout, scaling=self.scaling, **kwargs
@@ -293,7 +315,7 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # value checks step aside inside torch.compile (utils: check_*)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -306,7 +328,7 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
         | q/k/v biases                                           | zeros                       |
         | RMSNorm weights (input, post_attention, final norm,    | ones                        |
         |   sandwich norms when ``sandwich_norms``)              |                             |
-        | rotary ``inv_freq`` (non-persistent buffer)            | recomputed from rope_theta  |
+        | rotary ``inv_freq`` (non-persistent buffer)            | from ``rope_parameters``    |
         """
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -316,17 +338,28 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BilingualGlmRMSNorm):
             nn.init.ones_(module.weight)
         elif isinstance(module, BilingualGlmRotaryEmbedding):
-            inv_freq, _ = module.compute_default_rope_parameters(module.config, module.inv_freq.device)
+            inv_freq, _ = module.rope_init_fn(module.config, module.inv_freq.device)
             module.inv_freq.copy_(inv_freq)
             module.original_inv_freq.copy_(inv_freq)
 
     def get_correct_attn_implementation(
         self, requested_attention: str | None, is_init_check: bool = False
     ) -> str:
-        """The documented default: no ``attn_implementation`` asked for gives ``cpu_bf16_matmul`` (SDPA, or
-        two bf16 matmuls on a CPU with native bf16 under bf16 compute); any name asked for is used as is."""
+        """Any name asked for is the one used and reported. With none asked for, transformers' default
+        (``sdpa``) becomes ``cpu_bf16_matmul`` where ``cpu_bf16_attention_is_default`` (no CUDA, a CPU with
+        native bf16): there it is SDPA, or two bf16 matmuls under bf16 compute."""
         resolved = super().get_correct_attn_implementation(requested_attention, is_init_check)
-        return CPU_BF16_ATTENTION if requested_attention is None and resolved == "sdpa" else resolved
+        if requested_attention is None and resolved == "sdpa" and cpu_bf16_attention_is_default():
+            return CPU_BF16_ATTENTION
+        return resolved
+
+    def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
+        """transformers' resize; special ids the new vocabulary lacks then leave the config and the generation
+        config with a warning naming them (an id without an embedding row cannot be fed or generated)."""
+        embeddings = super().resize_token_embeddings(*args, **kwargs)
+        self.config.validate_bilingual_glm()
+        drop_generation_ids_outside_vocab(self.generation_config, self.config.vocab_size)
+        return embeddings
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Also write the code as flat files and an ``auto_map`` (``push_to_hub`` too): it loads anywhere."""
@@ -378,9 +411,10 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        past_len = cache.get_seq_length() if cache is not None else 0
-        if input_ids is not None and past_len == 0:
-            check_token_ids(self.config, input_ids)  # prefill and training only: decoding stays sync-free
+        past_len = cache.get_seq_length() if cache is not None else 0  # a tensor for static caches
+        check_values = not torch.compiler.is_compiling() and bool(past_len == 0)  # syncs: eager prefill only
+        if input_ids is not None and check_values:
+            check_token_ids(self.config, input_ids)
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
@@ -389,8 +423,8 @@ class BilingualGlmModel(BilingualGlmPreTrainedModel):
         mask = attention_mask_for(self.config, attention_mask, prefix_lengths, cache, past_len, inputs_embeds)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask, past_len, q_len, inputs_embeds.device)
-        check_positions(self.config, position_ids, batch, q_len, check_values=past_len == 0)
-        position_embeddings = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        check_positions(self.config, position_ids, batch, q_len, check_values=check_values)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         hidden_states, all_hidden, all_attentions = self._run_layers(
             inputs_embeds, position_embeddings, mask, cache, output_hidden_states, output_attentions, kwargs
         )
@@ -451,6 +485,8 @@ def _head_output(cls: type, body: BaseModelOutputWithPast, return_dict: bool | N
 
 class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}  # native glm's head plan (the body's is in the config)
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: BilingualGlmConfig) -> None:
         super().__init__(config)
@@ -512,12 +548,16 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.Tensor,
         *args: Any,
+        inputs_embeds: torch.Tensor | None = None,
         prompt_position_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Every generated token continues the prompt's last span (``span_position_ids``): its position
-        stays at the mask, its block position counts up, e.g. ``<sop>`` at (2, 1), then (2, 2), (2, 3), ..."""
-        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        """transformers' step inputs (``inputs_embeds`` feed the first step, as native; a cache then continues
+        from ids). With 2D prompt positions, every generated token continues the prompt's last span
+        (``span_position_ids``): position at the mask, block position counting up: (2, 1), (2, 2), ..."""
+        inputs = super().prepare_inputs_for_generation(
+            input_ids, *args, inputs_embeds=inputs_embeds, **kwargs
+        )
         if prompt_position_ids is None:
             return inputs
         cache = inputs.get("cache", inputs.get("past_key_values"))

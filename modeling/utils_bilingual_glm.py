@@ -33,6 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..configuration.configuration_bilingual_glm import BilingualGlmConfig  # flat in exported folders
 from .kernels_bilingual_glm import (
+    fast_bf16,
     is_plain_linear,
     linear_cross_entropy,
     matmul_attention_forward,
@@ -47,6 +48,16 @@ _MASK_TAKES_CACHE_POSITION = "cache_position" in inspect.signature(create_causal
 
 # ---------------------------------------------------------------------------------------- attention
 CPU_BF16_ATTENTION = "cpu_bf16_matmul"
+# transformers 5 looks kernels up with ``get_interface`` (and lets ``set_attn_implementation`` switch a model
+# only if its attention does); 4.57 has only ``ALL_ATTENTION_FUNCTIONS[name]``.
+HAS_GET_INTERFACE = hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface")
+
+
+def cpu_bf16_attention_is_default() -> bool:
+    """The rule for a model loaded without ``attn_implementation``: ``cpu_bf16_matmul`` where its matmul path
+    can pay, i.e. no CUDA and a CPU with native bf16 (``fast_bf16("cpu")``); elsewhere transformers' default
+    (``sdpa``), which is then also what runs. A name asked for is always the one used."""
+    return not torch.cuda.is_available() and fast_bf16("cpu")
 
 
 def cpu_bf16_attention_forward(
@@ -150,8 +161,8 @@ def attention_mask_for(
     implementation = config._attn_implementation or "eager"
     if prefix_lengths is not None:
         prefix_lengths = check_prefix(config, prefix_lengths, batch, q_len, past_len, inputs_embeds.device)
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None  # no padding: the plain causal mask (None where the kernel allows)
+    if attention_mask is not None and not torch.compiler.is_compiling() and bool(attention_mask.all()):
+        attention_mask = None  # no padding: the plain causal mask (None where the kernel allows); a sync
     functions = {}
     if prefix_lengths is not None:
         functions["or_mask_function"] = prefix_mask_function(prefix_lengths)
@@ -179,9 +190,20 @@ def default_position_ids(
 ) -> torch.Tensor:
     """Positions from a 2D padding mask, so left-padded rows start at 0 like their unpadded selves."""
     if attention_mask is None or attention_mask.dim() != 2:
-        return torch.arange(past_len, past_len + q_len, device=device)[None]  # [1, T]
+        return torch.arange(q_len, device=device)[None] + past_len  # [1, T]; past_len may be a tensor
     positions = attention_mask.long().cumsum(-1) - 1  # [B, past + T]
     return positions.clamp(min=0)[:, -q_len:].to(device)
+
+
+def drop_generation_ids_outside_vocab(generation_config: Any, vocab_size: int) -> None:
+    """After a shrinking resize: the generation config's pad/bos/eos ids the vocabulary lost go, as the model
+    config's do (``BilingualGlmConfig._drop_token_ids_outside_vocab``; the config's warning names them)."""
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        value = getattr(generation_config, name, None)
+        if isinstance(value, (list, tuple)):
+            setattr(generation_config, name, [i for i in value if i < vocab_size] or None)
+        elif isinstance(value, int) and value >= vocab_size:
+            setattr(generation_config, name, None)
 
 
 # ------------------------------------------------------------------------------------- input checks
@@ -204,7 +226,11 @@ def check_prefix(
         raise ValueError(
             f"prefix_lengths must have shape [batch]=[{batch}], got {tuple(prefix_lengths.shape)}"
         )
-    if past_len == 0 and (int(prefix_lengths.min()) < 0 or int(prefix_lengths.max()) > q_len):
+    if (
+        not torch.compiler.is_compiling()
+        and past_len == 0
+        and not 0 <= prefix_lengths.min() <= prefix_lengths.max() <= q_len
+    ):
         raise ValueError(
             f"prefix_lengths must be in [0, sequence length={q_len}], got {prefix_lengths.tolist()}"
         )
@@ -212,8 +238,11 @@ def check_prefix(
 
 
 def check_token_ids(config: BilingualGlmConfig, input_ids: torch.Tensor) -> None:
-    """An id outside the vocabulary would fail deep in the embedding lookup (or silently on GPU)."""
-    if input_ids.numel() == 0:
+    """An id outside the vocabulary would fail deep in the embedding lookup (or silently on GPU).
+
+    Like every value check here (each one a device sync), skipped inside ``torch.compile``: a full graph
+    cannot branch on tensor values."""
+    if input_ids.numel() == 0 or torch.compiler.is_compiling():
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= config.vocab_size:
@@ -241,7 +270,7 @@ def check_positions(
             f"position_ids must be [batch={batch}, {q_len}] or [batch, 2, {q_len}], "
             f"got shape {tuple(position_ids.shape)}"
         )
-    if check_values and position_ids.numel() and int(position_ids.min()) < 0:
+    if check_values and position_ids.numel() and not torch.compiler.is_compiling() and position_ids.min() < 0:
         raise ValueError(f"position_ids must be >= 0, got minimum {int(position_ids.min())}")
     if position_ids.dim() == 3:
         if position_ids.shape[1] != 2:

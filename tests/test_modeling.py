@@ -630,10 +630,14 @@ def test_bf16_training_path_matches_fp32_loss_and_gradients():
 
 
 # ------------------------------------------------------------------------- named attention choice
-def test_default_attention_is_the_named_cpu_bf16_kernel_and_explicit_names_are_kept():
+@pytest.mark.parametrize(("native_bf16", "expected"), [("1", "cpu_bf16_matmul"), ("0", "sdpa")])
+def test_default_attention_follows_its_rule_and_explicit_names_are_kept(monkeypatch, native_bf16, expected):
+    """No name asked for: cpu_bf16_matmul on a CPU with native bf16 (no CUDA), else sdpa; a name is kept."""
+    monkeypatch.setenv("BILINGUAL_GLM_BF16", native_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     config = BilingualGlmConfig.from_preset("tiny")
-    assert BilingualGlmForCausalLM(config).config._attn_implementation == "cpu_bf16_matmul"
-    for name in ("sdpa", "eager"):
+    assert BilingualGlmForCausalLM(config).config._attn_implementation == expected
+    for name in ("sdpa", "eager", "cpu_bf16_matmul"):
         model = BilingualGlmForCausalLM(BilingualGlmConfig.from_preset("tiny", attn_implementation=name))
         assert model.config._attn_implementation == name
 
