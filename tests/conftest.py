@@ -15,6 +15,27 @@ import bilingual_glm  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def key_compile_caches_on_cpu_capability() -> str:
+    """Tag torch.compile's on-disk caches with the CPU vector ISA this process runs (a torch bug's workaround).
+
+    Inductor's FX graph cache key (torch 2.13) leaves out the ISA that ``ATEN_CPU_CAPABILITY`` picks: a graph
+    compiled on this AVX-512 CPU (16-lane loops) is served to the AVX2-capped pass that CI runs next, built
+    with ``-mavx2`` (8-lane vectors), and writes half of each output: the compiled model's logits turn NaN.
+    ``cache_key_tag`` is part of every compile cache key; the env var carries the tag into subprocesses.
+    Idempotent: a tag inherited from a parent with another ISA is replaced, not extended.
+    """
+    mark = "cpu_capability="
+    inherited = torch.compiler.config.cache_key_tag.split()
+    tag = " ".join(
+        [t for t in inherited if not t.startswith(mark)] + [mark + torch.backends.cpu.get_cpu_capability()]
+    )
+    torch.compiler.config.cache_key_tag = os.environ["TORCH_COMPILE_CACHE_KEY_TAG"] = tag
+    return tag
+
+
+key_compile_caches_on_cpu_capability()
+
+
 def load_script(path: Path, name: str | None = None) -> ModuleType:
     """Import a script that is not a package module (train.py, finetune.py, app.py, examples) by path.
 

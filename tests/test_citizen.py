@@ -10,6 +10,7 @@ custom 4D masks, and ``torch.compile(fullgraph=True)`` / compiled static-cache g
 import copy
 import inspect
 import os
+import random
 import re
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from transformers import GlmForCausalLM
 from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM
 from bilingual_glm.conversion import from_transformers_glm, glm_config_from_ours, to_transformers_glm
 
-from .conftest import perturbed_model
+from .conftest import ROOT, perturbed_model
 
 TOLERANCE = 1e-5
 
@@ -362,6 +363,35 @@ def test_compiled_static_cache_generation_with_2d_positions_and_prefix():
     static = ours.generate(**inputs, cache_implementation="static", compile_config=compile_config, **greedy)
     assert hasattr(ours, "_compiled_call")  # generate did run the compiled forward
     assert torch.equal(static, eager)
+
+
+# One process's compiled elementwise kernel (inductor's vectorized C++ loops) against eager: 1 if close. The
+# salt (argv[1]), a constant of the graph, makes the first process a cache miss in a warm shared cache.
+_COMPILED_KERNEL = """
+import sys
+import torch
+import tests.conftest  # noqa: F401  (tags the compile caches with this process's CPU capability)
+def f(x):
+    return torch.where(x > 0, x.sin() + float(sys.argv[1]), float("-inf"))
+x = torch.linspace(-3, 3, 1000)
+print(int(torch.allclose(torch.compile(f, fullgraph=True, dynamic=False)(x), f(x), rtol=1e-5, atol=1e-6)))
+"""
+
+
+def test_compiled_code_from_a_native_isa_run_is_not_served_to_an_avx2_run():
+    """CI compiles on this CPU, then runs the model tests again capped at AVX2 (an AMD Zen 3) with the same
+    inductor cache. torch's FX graph cache key omits the vector ISA, so the capped run was served AVX-512
+    code built with ``-mavx2``; half of each output stayed unwritten and the compiled model's logits came
+    out NaN. tests/conftest.py tags the caches with the ISA: one new kernel, compiled on the native ISA,
+    then under AVX2 (the compile tests above check the model itself in CI's capped pass)."""
+    env = {key: value for key, value in os.environ.items() if key != "ATEN_CPU_CAPABILITY"}
+    command = [sys.executable, "-c", _COMPILED_KERNEL, str(random.random())]
+    for caps in ({}, {"ATEN_CPU_CAPABILITY": "avx2"}):
+        result = subprocess.run(
+            command, cwd=ROOT, env={**env, **caps}, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.split()[-1] == "1", f"{caps or 'native ISA'}: the compiled kernel is wrong"
 
 
 @pytest.mark.slow
