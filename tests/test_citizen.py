@@ -378,6 +378,7 @@ print(int(torch.allclose(torch.compile(f, fullgraph=True, dynamic=False)(x), f(x
 """
 
 
+@pytest.mark.slow  # 25 s; CI's capped pass re-runs the compile tests on the plain pass's warm cache
 def test_compiled_code_from_a_native_isa_run_is_not_served_to_an_avx2_run():
     """CI compiles on this CPU, then runs the model tests again capped at AVX2 (an AMD Zen 3) with the same
     inductor cache. torch's FX graph cache key omits the vector ISA, so the capped run was served AVX-512
