@@ -36,8 +36,8 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bilingual_glm.data.cloze import ClozeCollator, ClozeEncoder, cloze_scores
-from bilingual_glm.data.files import write_json_atomic
 from bilingual_glm.data.sentiment import sentiment_splits
+from bilingual_glm.io import write_json_atomic
 from bilingual_glm.modeling.kernels_bilingual_glm import fast_bf16
 
 SPLITS = ("validation", "test")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bilingual_glm.chatglm import atomic_folder, check_destination
+from bilingual_glm.io import atomic_folder, check_destination
 
 WEIGHTS = "model.safetensors"
 # Files of a finetune output that describe training, not the model: not carried into the soup.

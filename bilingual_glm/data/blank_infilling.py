@@ -48,7 +48,8 @@ rounds that up).
 
 **Randomness.** One ``numpy`` generator per collator from ``seed`` (``reseed`` restarts it). Inside a
 ``DataLoader`` worker the generator is re-derived from ``seed`` and the worker's torch seed, so workers
-differ from each other and from epoch to epoch, and a run is reproducible under ``torch.manual_seed``.
+differ from each other and from epoch to epoch, and a run is reproducible under ``torch.manual_seed``
+(a ``reseed`` inside the worker pins it to that seed instead: per-batch seeds).
 Positions come from the spans the collator sampled, never from searching the ids for special tokens.
 """
 
@@ -156,11 +157,16 @@ class SeededCollator:
     """A ``numpy`` generator from ``seed``, re-derived in each ``DataLoader`` worker (see module doc)."""
 
     def reseed(self, seed: int | None) -> None:
-        """Restart the random stream (``None``: fresh entropy)."""
+        """Restart the random stream (``None``: fresh entropy).
+
+        Called inside a ``DataLoader`` worker (a per-batch seed, ``ObjectiveMixtureCollator``), that worker
+        then draws from ``seed`` itself: the batch is the same whichever process collates it.
+        """
         self._seed_sequence = np.random.SeedSequence(seed)
         self._main_rng = np.random.default_rng(self._seed_sequence)
-        self._worker_key: tuple[int, int] | None = None
-        self._worker_rng: np.random.Generator | None = None
+        info = torch.utils.data.get_worker_info()
+        self._worker_key: tuple[int, int] | None = None if info is None else (info.id, info.seed)
+        self._worker_rng: np.random.Generator | None = None if info is None else self._main_rng
 
     def generator(self) -> np.random.Generator:
         """The generator for this process: the collator's own, or one per worker and epoch."""

@@ -40,7 +40,8 @@ from pathlib import Path
 import datasets
 import yaml
 
-from bilingual_glm.data.files import package_dir, write_jsonl
+from bilingual_glm.data.files import package_dir
+from bilingual_glm.io import write_jsonl
 
 logger = logging.getLogger(__name__)
 
