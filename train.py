@@ -37,7 +37,7 @@ from transformers import HfArgumentParser
 import bilingual_glm
 from bilingual_glm import BilingualGlmForCausalLM, distributed
 from bilingual_glm.modeling.kernels_bilingual_glm import use_fused_qkv, use_onednn_linears
-from bilingual_glm.tokenizer import special_token_ids
+from bilingual_glm.tokenizer import save_tokenizer, special_token_ids
 from bilingual_glm.training import data as training_data
 from bilingual_glm.training.arguments import TrainArguments, check_arguments, new_model_config, report_to
 from bilingual_glm.training.checkpoint import TRAINING_STATE, find_checkpoint, restore_progress
@@ -218,7 +218,7 @@ def finish(run: Run, trainee: Trainee, tokenizer: Any, log: RunLog, run_config: 
     if run.main_process:
         write_run_config(run.output_dir, {**run_config, **clock.summary()})
         unwrapped.save_pretrained(run.output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(run.output_dir)
+        save_tokenizer(tokenizer, run.output_dir)  # loads under transformers 4.57 and 5.x alike
         plot_loss(log.history, run.output_dir / "loss.png")
         accelerator.print("held-out: " + json.dumps({k: v for k, v in final_eval.items() if k != "step"}))
     if run.main_process or distributed.params_sharded(accelerator):  # sharded: every forward is collective

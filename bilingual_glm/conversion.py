@@ -256,7 +256,7 @@ def convert_folder(
     config, target_class, renamed, source_dtype = _plan_folder(src, files, native, to_native, direction)
 
     with io.atomic_folder(dst) as tmp:
-        writer = chatglm._ShardWriter(tmp, max_bytes)
+        writer = io.ShardWriter(tmp, max_bytes)
         for path in files:
             with chatglm._open_weights(path) as weights:
                 for key in weights.keys():

@@ -540,7 +540,7 @@ def test_cli_and_remote_code_without_the_package(tmp_path):
     check = [
         sys.executable,
         "-I",
-        str(ROOT / "scripts" / "check_remote_code.py"),
+        str(ROOT / "scripts" / "checks" / "check_remote_code.py"),
         str(tmp_path / "dst"),
         str(tmp_path / "expected.pt"),
     ]

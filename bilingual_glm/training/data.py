@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 from bilingual_glm.corpora import load_demo_corpus, load_text_files
 from bilingual_glm.data import BlankInfillingCollator, CausalCollator, MlmCollator, pack_causal
 from bilingual_glm.data.objectives import ObjectiveMixtureCollator
-from bilingual_glm.tokenizer import train_tokenizer
+from bilingual_glm.tokenizer import save_tokenizer, train_tokenizer
 
 # Widths rounded up to a multiple of 64: on CPU, oneDNN keeps a kernel per bf16 matmul shape, and a
 # width that changes every batch grows that cache (RSS) by hundreds of MB (see the soak figures).
@@ -80,7 +80,7 @@ def get_tokenizer(args: Any, train_text: Any, vocab_size: int, accelerator: Any,
     texts = (row["text"] for row in train_text) if args.streaming else train_text["text"]
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size, model_max_length=max(args.block_size * 4, 2048))
     if accelerator.is_main_process:
-        tokenizer.save_pretrained(saved)
+        save_tokenizer(tokenizer, saved)
     return tokenizer
 
 

@@ -1,9 +1,9 @@
 """Load an exported folder through remote code only and compare with logits saved beside it.
 
-Run by the tests (and scripts/check_export_venv.sh) in a process where `bilingual_glm` cannot be
+Run by the tests (and scripts/checks/check_export_venv.sh) in a process where `bilingual_glm` cannot be
 imported, so only the flat files inside the folder can be what runs. Exits non-zero on any mismatch.
 
-    python scripts/check_remote_code.py FOLDER EXPECTED.pt [--atol 1e-6]
+    python scripts/checks/check_remote_code.py FOLDER EXPECTED.pt [--atol 1e-6]
 """
 
 import argparse

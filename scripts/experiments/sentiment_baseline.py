@@ -1,8 +1,8 @@
 """Bag-of-characters baselines for the sentiment corpus, on exactly the split finetune.py uses.
 
-    python scripts/sentiment_baseline.py                    # train on train, report validation + test
-    python scripts/sentiment_baseline.py --train_on train+validation
-    python scripts/sentiment_baseline.py --output results.json
+    python scripts/experiments/sentiment_baseline.py                    # train on train, report validation + test
+    python scripts/experiments/sentiment_baseline.py --train_on train+validation
+    python scripts/experiments/sentiment_baseline.py --output results.json
 
 Two scikit-learn models over characters (Chinese has no spaces, so characters are the natural unit):
 
