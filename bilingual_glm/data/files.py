@@ -1,5 +1,5 @@
-"""Local data files and installed-package data: the one table of file formats every loader reads, and the
-one way files are written (to a temporary name, then renamed: a crash never leaves half a file).
+"""Local data files and installed-package data: the one table of file formats every loader reads. (Writing
+is ``bilingual_glm.io``'s: a temporary name, then a rename, so a crash never leaves half a file.)
 
 Pretraining text (``bilingual_glm.corpora.load_text_files``) and finetuning rows (labelled texts, chats)
 come from the same kinds of files; each caller names the suffixes it accepts, this module checks and
