@@ -47,13 +47,13 @@ from transformers import (
 )
 
 import bilingual_glm  # noqa: F401  (registers model_type "bilingual_glm" with the Auto classes)
+from bilingual_glm.corpora.sentiment import SENTIMENT_LABELS
 from bilingual_glm.data.cloze import (
     DEFAULT_CLOZE_TEMPLATES,
     DEFAULT_VERBALIZERS,
     ClozeClassifier,
     detect_language,
 )
-from bilingual_glm.data.sentiment import SENTIMENT_LABELS
 from bilingual_glm.infill import infill
 
 MODEL_ENV = "BILINGUAL_GLM_MODEL"
@@ -63,7 +63,7 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 MASK_PATTERN = re.compile(r"\[(?:MASK|sMASK|gMASK)\]")  # the tokenizer matches them verbatim in raw text
 MAKE_A_MODEL = f"""Make one with the recipe in docs/chat.md (about 15 minutes on 2 CPU cores):
     python train.py --preset small --max_steps 300 --output_dir runs/chat-pretrain
-    python -m bilingual_glm.data.dialogues --output_dir runs/chat-data
+    python -m bilingual_glm.corpora.dialogues --output_dir runs/chat-data
     python finetune.py --task sft --model_name_or_path runs/chat-pretrain \\
         --train_file runs/chat-data/train.jsonl --validation_file runs/chat-data/validation.jsonl \\
         --output_dir {DEFAULT_MODEL} --use_cpu true --num_train_epochs 3 --learning_rate 5e-4

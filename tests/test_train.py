@@ -306,8 +306,8 @@ def test_bad_config_overrides_name_the_flag():
 
 def test_model_name_or_path_goes_on_from_the_folder_on_review_texts(tmp_path, tokenizer_dir):
     """Domain-adaptive pretraining: train.py --model_name_or_path starts from the folder's weights, config and
-    tokenizer, on the sentiment train split written by ``python -m bilingual_glm.data.sentiment``."""
-    from bilingual_glm.data.sentiment import main as write_sentiment
+    tokenizer, on the sentiment train split written by ``python -m bilingual_glm.corpora.sentiment``."""
+    from bilingual_glm.corpora.sentiment import main as write_sentiment
 
     data = tmp_path / "reviews"
     assert write_sentiment(["--output_dir", str(data)]) == 0
@@ -460,3 +460,14 @@ def test_report_to_tensorboard_writes_the_logged_numbers(tmp_path, tokenizer_dir
     assert [step for step, _ in scalars["lr"]] == [5, 10, 15, 20]
     final = read_log(out)[-1]
     assert scalars["eval_ppl_zh"][-1][1] == pytest.approx(final["eval_ppl_zh"], rel=1e-6)
+
+
+def test_help_prints_every_flag(capsys):
+    """``python train.py --help`` (a help string with a bare ``%`` once broke argparse's formatting)."""
+    import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert all(flag in printed for flag in ("--report_to", "--dataloader_num_workers", "--warmup_steps"))

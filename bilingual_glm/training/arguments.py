@@ -92,7 +92,7 @@ class TrainArguments:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
     warmup_steps: int | None = field(
-        default=None, metadata={"help": "Linear warmup steps (default: the first 5% of the run)."}
+        default=None, metadata={"help": "Linear warmup steps (default: a twentieth of the run, in steps or in time)."}
     )
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not norms/biases)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})

@@ -35,8 +35,8 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from bilingual_glm.corpora.sentiment import sentiment_splits
 from bilingual_glm.data.cloze import ClozeClassifier
-from bilingual_glm.data.sentiment import sentiment_splits
 from bilingual_glm.io import write_json_atomic
 from bilingual_glm.modeling.kernels_bilingual_glm import fast_bf16
 

@@ -210,7 +210,7 @@ def write_dialogue_jsonl(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bilingual_glm.data.dialogues --output_dir data/chat``: write the split as JSON Lines."""
+    """``python -m bilingual_glm.corpora.dialogues --output_dir data/chat``: write the split as JSON Lines."""
     parser = argparse.ArgumentParser(description="Write the ChatterBot zh+en chats as SFT JSON Lines.")
     parser.add_argument("--output_dir", required=True, help="Folder for train.jsonl and validation.jsonl.")
     parser.add_argument(
