@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -242,21 +243,28 @@ print(json.dumps({
 """
 
 
-def test_saved_folder_loads_in_fresh_process_without_package(tokenizer, tmp_path):
-    folder = tmp_path / "tokenizer"
-    tokenizer.save_pretrained(str(folder))
-    messages = CONVERSATION[:2]
+def run_without_package(code: str, cwd: Path, folder: Path, *payloads: object) -> dict:
+    """``code`` in an isolated interpreter (``-I``, no PYTHONPATH, stdin closed) with the folder and JSON
+    payloads as arguments; its last stdout line, parsed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-I", "-c", _FOREIGN_LOADER, str(folder), json.dumps(PROBES), json.dumps(messages)],
-        cwd=tmp_path,
+        [sys.executable, "-I", "-c", code, str(folder), *(json.dumps(payload) for payload in payloads)],
+        cwd=cwd,
         env=env,
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_saved_folder_loads_in_fresh_process_without_package(tokenizer, tmp_path):
+    folder = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(str(folder))
+    messages = CONVERSATION[:2]
+    loaded = run_without_package(_FOREIGN_LOADER, tmp_path, folder, PROBES, messages)
     assert loaded["ids"] == [tokenizer.encode(p, add_special_tokens=False) for p in PROBES]
     assert loaded["chat"] == tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_dict=False
@@ -295,18 +303,7 @@ def test_a_saved_model_folder_gives_its_tokenizer_without_remote_code(tokenizer,
     saved = json.loads((folder / "tokenizer_config.json").read_text())
     assert saved["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in saved
     assert "AutoConfig" in json.loads((folder / "config.json").read_text())["auto_map"]  # the model keeps it
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    result = subprocess.run(
-        [sys.executable, "-I", "-c", _MODEL_FOLDER_LOADER, str(folder), json.dumps(PROBES)],
-        cwd=tmp_path,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    loaded = run_without_package(_MODEL_FOLDER_LOADER, tmp_path, folder, PROBES)
     assert loaded["ids"] == [tokenizer.encode(p, add_special_tokens=False) for p in PROBES]
     assert loaded["asked"] == 0 if loaded["major"] < 5 else loaded["asked"] <= 1
 
