@@ -47,15 +47,13 @@ from transformers import (
 )
 
 import bilingual_glm  # noqa: F401  (registers model_type "bilingual_glm" with the Auto classes)
+from bilingual_glm.corpora.sentiment import SENTIMENT_LABELS
 from bilingual_glm.data.cloze import (
     DEFAULT_CLOZE_TEMPLATES,
     DEFAULT_VERBALIZERS,
-    ClozeCollator,
-    ClozeEncoder,
-    cloze_scores,
+    ClozeClassifier,
     detect_language,
 )
-from bilingual_glm.data.sentiment import SENTIMENT_LABELS
 from bilingual_glm.infill import infill
 
 MODEL_ENV = "BILINGUAL_GLM_MODEL"
@@ -65,7 +63,7 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 MASK_PATTERN = re.compile(r"\[(?:MASK|sMASK|gMASK)\]")  # the tokenizer matches them verbatim in raw text
 MAKE_A_MODEL = f"""Make one with the recipe in docs/chat.md (about 15 minutes on 2 CPU cores):
     python train.py --preset small --max_steps 300 --output_dir runs/chat-pretrain
-    python -m bilingual_glm.data.dialogues --output_dir runs/chat-data
+    python -m bilingual_glm.corpora.dialogues --output_dir runs/chat-data
     python finetune.py --task sft --model_name_or_path runs/chat-pretrain \\
         --train_file runs/chat-data/train.jsonl --validation_file runs/chat-data/validation.jsonl \\
         --output_dir {DEFAULT_MODEL} --use_cpu true --num_train_epochs 3 --learning_rate 5e-4
@@ -84,7 +82,7 @@ class Classifier:
     model: Any
     tokenizer: Any
     labels: list[str]
-    cloze: dict[str, ClozeEncoder] = field(default_factory=dict)  # by language; empty for a head
+    cloze: dict[str, ClozeClassifier] = field(default_factory=dict)  # by language; empty for a head
     source: str = ""
 
 
@@ -105,15 +103,14 @@ class DemoModels:
         self.stop_token_ids = sorted({eos, *role_ids} - {None, self.tokenizer.unk_token_id})
 
 
-def _cloze_encoders(model: Any, tokenizer: Any, max_length: int) -> dict[str, ClozeEncoder]:
-    config = model.config
+def _cloze_classifiers(model: Any, tokenizer: Any, max_length: int) -> dict[str, ClozeClassifier]:
+    """The default sentiment pattern and answers of each language, on ``model``."""
     return {
-        lang: ClozeEncoder(
+        lang: ClozeClassifier(
+            model,
             tokenizer,
             DEFAULT_CLOZE_TEMPLATES[lang],
             [DEFAULT_VERBALIZERS[lang][label] for label in SENTIMENT_LABELS],
-            config.mask_token_id,
-            config.sop_token_id,
             max_length=max_length,
         )
         for lang in DEFAULT_CLOZE_TEMPLATES
@@ -141,7 +138,7 @@ def load_classifier(path: str, chat_model: Any = None, chat_tokenizer: Any = Non
             chat_model,
             chat_tokenizer,
             list(SENTIMENT_LABELS),
-            _cloze_encoders(chat_model, chat_tokenizer, max_length),
+            _cloze_classifiers(chat_model, chat_tokenizer, max_length),
             "chat model, zero-shot cloze",
         )
     tokenizer = _from_pretrained(AutoTokenizer, path)
@@ -155,7 +152,7 @@ def load_classifier(path: str, chat_model: Any = None, chat_tokenizer: Any = Non
         model,
         tokenizer,
         list(SENTIMENT_LABELS),
-        _cloze_encoders(model, tokenizer, max_length),
+        _cloze_classifiers(model, tokenizer, max_length),
         f"{path} (cloze)",
     )
 
@@ -293,10 +290,7 @@ def classify(demo: DemoModels, text: str) -> dict[str, float]:
     if length > demo.max_prompt_tokens:
         raise DemoInputError(f"The text is too long: {length} tokens, the limit is {demo.max_prompt_tokens}.")
     if scorer.cloze:
-        encoder = scorer.cloze[detect_language([text])]
-        collator = ClozeCollator(encoder.candidates, scorer.tokenizer.pad_token_id)
-        batch = collator([encoder(text)])
-        logits = cloze_scores(scorer.model, batch, encoder.candidates)[0]  # [C]
+        logits = scorer.cloze[detect_language([text])].log_probs([text])[0]  # [C]
     else:
         inputs = scorer.tokenizer(text, return_tensors="pt")
         logits = scorer.model(**inputs).logits[0]

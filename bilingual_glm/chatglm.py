@@ -39,14 +39,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import GenerationConfig
 
 from .configuration.configuration_bilingual_glm import (
@@ -54,6 +52,7 @@ from .configuration.configuration_bilingual_glm import (
     SPECIAL_TOKEN_FIELDS,
     BilingualGlmConfig,
 )
+from .io import ShardWriter, atomic_folder, check_destination
 from .modeling.modeling_bilingual_glm import AUTO_MAP, write_remote_code
 
 logger = logging.getLogger(__name__)
@@ -533,52 +532,6 @@ def _output_is_tied(thudm_config: Mapping[str, Any], located: Mapping[str, Path]
     return same
 
 
-# -------------------------------------------------------------------------------------- writing
-class _ShardWriter:
-    """Buffer tensors; write a safetensors shard whenever the next tensor would pass ``max_bytes``."""
-
-    def __init__(self, folder: Path, max_bytes: int) -> None:
-        self.folder, self.max_bytes = folder, max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.buffered = self.total_size = 0
-        self.shards: list[Path] = []
-        self.weight_map: dict[str, int] = {}  # name -> shard number
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.buffered + nbytes > self.max_bytes:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.buffered += nbytes
-        self.total_size += nbytes
-        self.weight_map[name] = len(self.shards)
-
-    def flush(self) -> None:
-        if self.buffer:
-            path = self.folder / f".shard-{len(self.shards):05d}.safetensors.tmp"
-            save_file(self.buffer, str(path), metadata={"format": "pt"})
-            self.shards.append(path)
-            self.buffer, self.buffered = {}, 0
-
-    def finish(self) -> list[str]:
-        """Rename shards to HF names (``model.safetensors`` or ``model-0000k-of-0000N``) and index them."""
-        self.flush()
-        count = len(self.shards)
-        names = ["model.safetensors"] if count == 1 else [
-            f"model-{k + 1:05d}-of-{count:05d}.safetensors" for k in range(count)
-        ]  # fmt: skip
-        for path, name in zip(self.shards, names, strict=True):
-            os.chmod(path, _default_mode(0o666))  # safetensors writes 0600; make it like any new file
-            os.replace(path, self.folder / name)
-        if count > 1:
-            index = {
-                "metadata": {"total_size": self.total_size},
-                "weight_map": {name: names[shard] for name, shard in sorted(self.weight_map.items())},
-            }
-            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        return names
-
-
 def parse_size(size: int | str) -> int:
     """Bytes from ``2GB``, ``500MB``, ``1GiB`` or an int (decimal units, as ``save_pretrained``)."""
     if isinstance(size, int):
@@ -589,36 +542,6 @@ def parse_size(size: int | str) -> int:
     unit = match.group(2).rstrip("B")
     base = 1024 if unit.endswith("I") else 1000
     return int(float(match.group(1)) * base ** " KMGT".index(unit.rstrip("I") or " "))
-
-
-def _default_mode(mode: int) -> int:
-    """``mode`` filtered by the process umask, as for a file or folder created normally."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def check_destination(dst: Path) -> None:
-    """Refuse (before any work) a destination that exists and is not an empty folder."""
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} already exists and is not an empty folder")
-
-
-@contextlib.contextmanager
-def atomic_folder(dst: Path) -> Iterator[Path]:
-    """A hidden temporary folder next to ``dst``: renamed to ``dst`` when the block succeeds, removed on any
-    error (or Ctrl-C), so ``dst`` never holds half a conversion. ``dst`` must pass ``check_destination``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.partial-"))
-    os.chmod(tmp, _default_mode(0o777))  # mkdtemp makes it 0700
-    try:
-        yield tmp
-        if dst.exists():
-            dst.rmdir()  # empty, checked by check_destination
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -687,7 +610,7 @@ def _write_weights(
     multi_query_attention: bool,
 ) -> torch.dtype:
     """Stream source files one at a time, tensor by tensor, into output shards; return the source dtype."""
-    writer, files = _ShardWriter(folder, max_bytes), sorted(set(located.values()))
+    writer, files = ShardWriter(folder, max_bytes), sorted(set(located.values()))
     source_dtype = torch.float32
     for path in files:
         logger.info("reading %s", path.name)

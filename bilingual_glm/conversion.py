@@ -42,7 +42,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from . import chatglm
+from . import chatglm, io
 from .configuration.configuration_bilingual_glm import GLM_TOKEN_FIELDS, BilingualGlmConfig
 from .modeling.modeling_bilingual_glm import AUTO_MAP, BilingualGlmForCausalLM, write_remote_code
 
@@ -245,13 +245,13 @@ def convert_folder(
         raise ValueError(f"direction must be to-/from- one of {sorted(NATIVE_FORMATS)}, got {direction!r}")
     native, to_native = NATIVE_FORMATS[name], to_native == "to"
     src, dst = Path(src_dir), Path(dst_dir)
-    chatglm.check_destination(dst)
+    io.check_destination(dst)
     out_dtype, max_bytes = chatglm._resolve_dtype(dtype), chatglm.parse_size(max_shard_size)
     files = chatglm.find_weight_files(src)
     config, target_class, renamed, source_dtype = _plan_folder(src, files, native, to_native, direction)
 
-    with chatglm.atomic_folder(dst) as tmp:
-        writer = chatglm._ShardWriter(tmp, max_bytes)
+    with io.atomic_folder(dst) as tmp:
+        writer = io.ShardWriter(tmp, max_bytes)
         for path in files:
             with chatglm._open_weights(path) as weights:
                 for key in weights.keys():

@@ -5,7 +5,7 @@ the folder's ``eval_results.json``/``test_results.json`` and writes the card (YA
 then results, a usage snippet that runs without this package, and the training settings).
 
 The usage snippet is chosen by task and by whether the folder holds a whole model or only a LoRA adapter
-(``usage_snippet``). The cloze snippet builds GLM's cloze input by hand, reading the 2D positions of the
+(``classification_usage``, ``chat_usage``, ``cloze_usage``: each task picks its own). The cloze snippet builds GLM's cloze input by hand, reading the 2D positions of the
 ``<sop>`` slot from the model's own ``span_position_ids`` (the code shipped in the folder), so the card
 cannot disagree with the layout the model was trained on.
 """
@@ -148,19 +148,38 @@ answers = {answers!r}  # one per label, in label-id order
 print([logits.log_softmax(-1)[tokenizer(a, add_special_tokens=False).input_ids[0]].item() for a in answers])"""
 
 
-def usage_snippet(task: str, adapter_only: bool, encoder: Any | None, labels: list[str] | None) -> str:
-    """Python that loads the saved folder and uses it for ``task`` (``encoder``: the cloze pattern)."""
-    if adapter_only and task == "classification":
+def classification_usage(adapter_only: bool, labels: list[str] | None) -> str:
+    """Python that loads a saved classifier (or its LoRA adapter) and classifies a text."""
+    if adapter_only:
         id2label = dict(enumerate(labels or []))
         return _ADAPTER_CLASSIFIER.format(repo=REPO_PLACEHOLDER, num_labels=len(id2label), id2label=id2label)
+    return _CLASSIFIER.format(repo=REPO_PLACEHOLDER)
+
+
+def chat_usage(adapter_only: bool) -> str:
+    """Python that loads a saved chat model (or its LoRA adapter) and answers a message."""
+    return (
+        _ADAPTER_CAUSAL_LM.format(repo=REPO_PLACEHOLDER)
+        if adapter_only
+        else _CHAT.format(repo=REPO_PLACEHOLDER)
+    )
+
+
+def cloze_usage(adapter_only: bool, encoder: Any | None) -> str:
+    """Python that scores a text the cloze way (``encoder``: the pattern and answers the run used)."""
     if adapter_only:
         return _ADAPTER_CAUSAL_LM.format(repo=REPO_PLACEHOLDER)
-    if task == "classification":
-        return _CLASSIFIER.format(repo=REPO_PLACEHOLDER)
-    if task == "sft":
-        return _CHAT.format(repo=REPO_PLACEHOLDER)
     pieces, answers = (encoder.pieces, encoder.answers) if encoder else (["{text}", "[MASK]"], [])
     return _CLOZE.format(repo=REPO_PLACEHOLDER, pieces=pieces, answers=answers)
 
 
-__all__ = ["CARD_METRICS", "CardInfo", "card_body", "read_results", "usage_snippet", "write_model_card"]
+__all__ = [
+    "CARD_METRICS",
+    "CardInfo",
+    "card_body",
+    "chat_usage",
+    "classification_usage",
+    "cloze_usage",
+    "read_results",
+    "write_model_card",
+]

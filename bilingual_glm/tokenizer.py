@@ -17,7 +17,10 @@ Design choices, and why:
   preset config are right by construction. They are matched in raw text (a string containing
   ``<|user|>`` encodes to its single id) and decode back to exactly that text.
 - **A plain ``PreTrainedTokenizerFast``** (no custom class): the saved folder loads with
-  ``AutoTokenizer.from_pretrained`` anywhere, without this package or ``trust_remote_code``.
+  ``AutoTokenizer.from_pretrained`` anywhere, without this package or ``trust_remote_code``. Saved with
+  ``save_tokenizer``: transformers 5 writes ``tokenizer_class: TokenizersBackend`` and a list of
+  ``extra_special_tokens``, which transformers 4.57 cannot read (it knows neither), so the config is
+  written in the form both read (``PreTrainedTokenizerFast``, ``additional_special_tokens``).
 - **GLM-4 chat format**::
 
       [gMASK]<sop><|system|>\\n{system}<|user|>\\n{user}<|assistant|>\\n{answer}<|endoftext|><|user|>\\n...
@@ -32,13 +35,16 @@ Design choices, and why:
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from .configuration.configuration_bilingual_glm import GLM_SPECIAL_TOKENS, SPECIAL_TOKEN_FIELDS
+from .io import write_json_atomic
 
 EOS_TOKEN = SPECIAL_TOKEN_FIELDS["eos_token_id"]
 PAD_TOKEN = SPECIAL_TOKEN_FIELDS["pad_token_id"]
@@ -202,6 +208,37 @@ def left_padded(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
     return copied
 
 
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, folder: str | Path) -> None:
+    """``save_pretrained``, then ``portable_tokenizer_config``: the folder's tokenizer loads with a plain
+    ``AutoTokenizer.from_pretrained(folder)`` under transformers 4.57 and 5.x alike."""
+    tokenizer.save_pretrained(folder)
+    portable_tokenizer_config(folder)
+
+
+def portable_tokenizer_config(folder: str | Path) -> None:
+    """Rewrite ``folder/tokenizer_config.json`` in the form transformers 4.57 and 5.x both read.
+
+    transformers 5 names the class ``TokenizersBackend`` (4.57: "does not exist") and stores the extra
+    special tokens as a list (4.57 expects a dict there: ``AttributeError``); both versions read
+    ``PreTrainedTokenizerFast`` and a list of ``additional_special_tokens``. No ``auto_map``: the tokenizer
+    needs no remote code, whatever the model's ``config.json`` carries.
+    """
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") not in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+        return  # not one of ours (a converted checkpoint may bring its own tokenizer class)
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = config.pop("extra_special_tokens", None)
+    if isinstance(extra, list):
+        config["additional_special_tokens"] = extra
+    elif extra is not None:
+        config["extra_special_tokens"] = extra
+    config.pop("auto_map", None)
+    write_json_atomic(path, config)
+
 __all__ = [
     "CHAT_TEMPLATE",
     "check_tokenizer_matches",
@@ -209,6 +246,8 @@ __all__ = [
     "PRE_TOKENIZER_PATTERN",
     "build_backend",
     "left_padded",
+    "portable_tokenizer_config",
+    "save_tokenizer",
     "special_token_ids",
     "train_tokenizer",
     "wrap_backend",

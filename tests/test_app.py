@@ -10,16 +10,14 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+import app  # the demo script, imported as a module (the repository root is on sys.path)
 import bilingual_glm
 from bilingual_glm.tokenizer import special_token_ids
 
-from .conftest import load_script
 from .test_finetune import make_pretrained_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-app = load_script(ROOT / "app.py")
 
 
 def make_model_folder(path: Path, tokenizer_dir: Path, head: bool = False) -> Path:
@@ -172,7 +170,8 @@ def test_missing_model_folder_exits_with_the_recipe(tmp_path, capsys, monkeypatc
 
 
 def test_recipe_sample_script_answers_exactly_as_the_chat_tab(demo):
-    chat_samples = load_script(ROOT / "scripts" / "chat_samples.py")
+    from scripts.experiments import chat_samples
+
     assert chat_samples.ROLE_TOKENS == app.ROLE_TOKENS
     streamed = list(app.chat_stream(demo, "What is AI?", [], max_new_tokens=10))[-1]
     answer = chat_samples.answer(demo.model, demo.tokenizer, "What is AI?", 10)

@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, GenerationConfig, GlmConfig, GlmForCausalLM
 
-from bilingual_glm import chatglm
+from bilingual_glm import io as package_io
 from bilingual_glm.chatglm import config_from_chatglm, convert_chatglm_checkpoint, resolve_special_tokens
 from bilingual_glm.conversion import main
 
@@ -508,7 +508,7 @@ def test_failure_mid_write_leaves_no_destination(tmp_path, monkeypatch):
             raise OSError("disk full")
         return save_file(*args, **kwargs)
 
-    monkeypatch.setattr(chatglm, "save_file", failing_save_file)
+    monkeypatch.setattr(package_io, "save_file", failing_save_file)  # the shard writer's (ShardWriter)
     with pytest.raises(OSError, match="disk full"):
         convert_chatglm_checkpoint(src, tmp_path / "out" / "dst", max_shard_size="20KB")
     assert len(calls) == 3 and os.listdir(tmp_path / "out") == []  # no dst, no partial temp folder
@@ -540,7 +540,7 @@ def test_cli_and_remote_code_without_the_package(tmp_path):
     check = [
         sys.executable,
         "-I",
-        str(ROOT / "scripts" / "check_remote_code.py"),
+        str(ROOT / "scripts" / "checks" / "check_remote_code.py"),
         str(tmp_path / "dst"),
         str(tmp_path / "expected.pt"),
     ]

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bilingual_glm.configuration.configuration_bilingual_glm import GLM_SPECIAL_TOKENS
-from bilingual_glm.data import OBJECTIVES, BlankInfillingCollator, CausalCollator, MlmCollator, pack_causal
+from bilingual_glm.data import SPAN_KINDS, BlankInfillingCollator, CausalCollator, MlmCollator, pack_causal
 from bilingual_glm.data.blank_infilling import build_infilling_row, mask_goal
 
 ID = {token: index for index, token in enumerate(GLM_SPECIAL_TOKENS)}
@@ -57,7 +57,7 @@ def decode_row(
 
 
 def check_batch_layout(batch: dict[str, torch.Tensor], sources: list[list[int]]) -> None:
-    """Shapes, right padding, label forms: everything that does not depend on the objective."""
+    """Shapes, right padding, label forms: everything that does not depend on the span_kind."""
     rows = len(sources)
     width = batch["input_ids"].shape[1]
     assert (
@@ -81,10 +81,10 @@ def check_batch_layout(batch: dict[str, torch.Tensor], sources: list[list[int]])
 
 
 def check_infilling_row(
-    batch: dict[str, torch.Tensor], b: int, source: list[int], objective: str
+    batch: dict[str, torch.Tensor], b: int, source: list[int], span_kind: str
 ) -> list[tuple[int, int]]:
     """All GLM §1 invariants of one row; returns its spans as ``[start, end)`` in the source, in order."""
-    mask_id = MASK_OF[objective]
+    mask_id = MASK_OF[span_kind]
     prefix = int(batch["prefix_lengths"][b])
     part_a, spans = decode_row(batch, b)
     assert batch["position_ids"][b, 0, :prefix].tolist() == list(range(prefix))
@@ -116,23 +116,23 @@ def check_infilling_row(
 
 
 # ------------------------------------------------------------------------------------ blank infilling
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("span_kind", SPAN_KINDS)
 @settings(max_examples=250, deadline=None)
 @given(sources=batches, seed=seeds)
-def test_blank_infilling_invariants(objective, sources, seed):
+def test_blank_infilling_invariants(span_kind, sources, seed):
     collator = make_collator(seed)
-    batch = collator.collate([{"input_ids": s} for s in sources], objective=objective)
+    batch = collator.collate([{"input_ids": s} for s in sources], span_kind=span_kind)
     check_batch_layout(batch, sources)
     for b, source in enumerate(sources):
         n = len(source)
-        spans = check_infilling_row(batch, b, source, objective)
+        spans = check_infilling_row(batch, b, source, span_kind)
         lengths = [end - start for start, end in spans]
         covered, goal = sum(lengths), mask_goal(0.15, n)
         assert int(batch["prefix_lengths"][b]) == n - covered + len(spans)  # = len(Part A)
-        if objective == "token":
+        if span_kind == "token":
             assert all(1 <= k <= 39 for k in lengths)
             assert goal <= covered <= goal + 38  # the last span can overshoot by at most max_span - 1
-        elif objective == "sentence":
+        elif span_kind == "sentence":
             assert covered >= goal
             for start, end in spans:  # whole sentences
                 assert start == 0 or source[start - 1] in END_IDS
@@ -145,7 +145,7 @@ def test_blank_infilling_invariants(objective, sources, seed):
 
 @settings(max_examples=150, deadline=None)
 @given(sources=batches, seed=seeds)
-def test_objective_drawn_once_per_batch(sources, seed):
+def test_span_kind_drawn_once_per_batch(sources, seed):
     batch = make_collator(seed)([{"input_ids": s} for s in sources])
     check_batch_layout(batch, sources)
     used = set()
@@ -159,19 +159,19 @@ def test_objective_drawn_once_per_batch(sources, seed):
 @given(
     sources=batches,
     seed=seeds,
-    objective=st.sampled_from(OBJECTIVES),
+    span_kind=st.sampled_from(SPAN_KINDS),
     mask_ratio=st.sampled_from([0.0, 0.5, 0.9, 1.0]),
     max_span=st.integers(1, 5),
 )
-def test_extreme_settings_never_break_the_layout(sources, seed, objective, mask_ratio, max_span):
+def test_extreme_settings_never_break_the_layout(sources, seed, span_kind, mask_ratio, max_span):
     """Ratios where token spans can't fit trigger the fallback; rows must stay well formed."""
     collator = make_collator(seed, mask_ratio=mask_ratio, max_span=max_span, pad_to_multiple_of=8)
-    batch = collator.collate([{"input_ids": s} for s in sources], objective=objective)
+    batch = collator.collate([{"input_ids": s} for s in sources], span_kind=span_kind)
     assert batch["input_ids"].shape[1] % 8 == 0
     assert "labels" not in batch and batch["shift_labels"].shape == batch["input_ids"].shape
     for b, source in enumerate(sources):
-        lengths = [end - start for start, end in check_infilling_row(batch, b, source, objective)]
-        if objective == "token":
+        lengths = [end - start for start, end in check_infilling_row(batch, b, source, span_kind)]
+        if span_kind == "token":
             assert all(k <= max_span for k in lengths)
             if mask_ratio <= 0.5:  # spans of max_span with gaps of 1 always fit this goal
                 assert sum(lengths) >= mask_goal(mask_ratio, len(source))
@@ -195,7 +195,7 @@ def test_token_span_statistics():
     """Coverage ≈ 15% and mean span length ≈ E[Poisson(3) | 1..39] ≈ 3.16 on long rows; Part B shuffled."""
     collator = make_collator(1)
     sources = [list(range(1000, 2000))] * 64
-    batch = collator.collate([{"input_ids": s} for s in sources], objective="token")
+    batch = collator.collate([{"input_ids": s} for s in sources], span_kind="token")
     lengths = [
         end - start for b in range(64) for start, end in check_infilling_row(batch, b, sources[b], "token")
     ]
@@ -214,7 +214,7 @@ def test_document_suffix_probability_and_mixture_frequencies():
     source = list(range(100, 140))
     suffixes = 0
     for _ in range(400):
-        batch = collator.collate([{"input_ids": source}], objective="document")
+        batch = collator.collate([{"input_ids": source}], span_kind="document")
         suffixes += (
             int(batch["prefix_lengths"][0]) == int(batch["position_ids"][0, 0, -2]) + 1
         )  # [gMASK] last
@@ -229,15 +229,15 @@ def test_document_suffix_probability_and_mixture_frequencies():
 
 
 @pytest.mark.parametrize("n", range(7))
-@pytest.mark.parametrize("objective", OBJECTIVES)
-def test_short_rows(n, objective):
+@pytest.mark.parametrize("span_kind", SPAN_KINDS)
+def test_short_rows(n, span_kind):
     collator = make_collator(n)
     sources = [list(range(100, 100 + n)), [11] * n]
     for _ in range(20):
-        batch = collator.collate([{"input_ids": s} for s in sources], objective=objective)
+        batch = collator.collate([{"input_ids": s} for s in sources], span_kind=span_kind)
         check_batch_layout(batch, sources)
         for b, source in enumerate(sources):
-            check_infilling_row(batch, b, source, objective)
+            check_infilling_row(batch, b, source, span_kind)
 
 
 def test_reproducible_and_reseedable():
@@ -254,7 +254,7 @@ def test_reproducible_and_reseedable():
 
 
 def test_max_length_truncates_the_source():
-    batch = make_collator(0, max_length=10).collate([{"input_ids": list(range(100, 150))}], objective="token")
+    batch = make_collator(0, max_length=10).collate([{"input_ids": list(range(100, 150))}], span_kind="token")
     check_infilling_row(batch, 0, list(range(100, 110)), "token")
 
 
@@ -278,9 +278,9 @@ def test_invalid_arguments_name_the_field():
     with pytest.raises(ValueError, match="max_span"):
         BlankInfillingCollator(max_span=0)
     with pytest.raises(ValueError, match="sentence_end_ids"):
-        BlankInfillingCollator().collate([{"input_ids": [20]}], objective="sentence")
-    with pytest.raises(ValueError, match="objective"):
-        BlankInfillingCollator().collate([{"input_ids": [20]}], objective="span")
+        BlankInfillingCollator().collate([{"input_ids": [20]}], span_kind="sentence")
+    with pytest.raises(ValueError, match="span_kind"):
+        BlankInfillingCollator().collate([{"input_ids": [20]}], span_kind="span")
     with pytest.raises(ValueError, match="vocab_size"):
         MlmCollator()
     with pytest.raises(ValueError, match="block_size"):
@@ -315,12 +315,12 @@ def test_ids_and_sentence_ends_from_tokenizer(tokenizer):
     assert (collator.sop_token_id, collator.eop_token_id, collator.pad_token_id) == (104, 105, 110)
     assert set(collator.sentence_end_ids) == {1, 2, 4, 5, 6, 7}
     source = [0, 3, 1, 0, 3, 3, 2, 3, 0, 5]
-    batch = collator.collate([{"input_ids": source}], objective="sentence")
+    batch = collator.collate([{"input_ids": source}], span_kind="sentence")
     _, spans = decode_row(batch, 0)
     assert all(inputs[0] == 104 and inputs[-1] in {1, 2, 5} for _, inputs, _ in spans)
     lazy = BlankInfillingCollator(tokenizer, seed=0)  # token-only mixture: sentence ends on first use
     assert lazy.sentence_end_ids is None
-    lazy.collate([{"input_ids": source}], objective="sentence")
+    lazy.collate([{"input_ids": source}], span_kind="sentence")
     assert lazy.sentence_end_ids == collator.sentence_end_ids
     mlm = MlmCollator(tokenizer, seed=0)
     assert mlm.vocab_size == 201 and {100, 101, 110, 200} <= mlm.special_token_ids

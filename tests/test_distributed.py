@@ -27,7 +27,6 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import bilingual_glm  # noqa: F401  (registers the Auto classes)
 from bilingual_glm.distributed import DistributedMismatchError
 
-from .conftest import load_script
 from .test_finetune import QUICK as FINETUNE_QUICK
 from .test_finetune import finetune, load_without_package, make_pretrained_folder
 from .test_reliability import wait_for
@@ -122,7 +121,19 @@ def test_fsdp_request_without_fsdp_in_effect_stops_finetune_py(tmp_path, tokeniz
 # --------------------------------------------------------------------- sharded train.py (slow)
 @pytest.fixture(scope="module")
 def train_module():
-    return load_script(ROOT / "train.py")
+    """The training library's data and evaluation pieces, with the argument parser."""
+    from transformers import HfArgumentParser
+
+    from bilingual_glm.training import data, evaluation
+    from bilingual_glm.training.arguments import TrainArguments
+
+    return types.SimpleNamespace(
+        HfArgumentParser=HfArgumentParser,
+        TrainArguments=TrainArguments,
+        load_raw=data.load_raw,
+        held_out_blocks=data.held_out_blocks,
+        perplexity=evaluation.perplexity,
+    )
 
 
 @pytest.fixture(scope="module")

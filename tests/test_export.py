@@ -11,22 +11,38 @@ import torch
 from .conftest import perturbed_model
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECK = ROOT / "scripts" / "check_remote_code.py"
+CHECK = ROOT / "scripts" / "checks" / "check_remote_code.py"
+
+
+TOKENIZER_TEXT = "新华社北京电 To be, or not to be [gMASK]<sop><|user|>"
 
 
 def export_with_expectations(folder: Path, expected: Path) -> None:
+    """A tiny model with a tokenizer, saved as train.py saves them, and what check_remote_code.py expects."""
+    from bilingual_glm.corpora import load_demo_corpus
+    from bilingual_glm.tokenizer import save_tokenizer, train_tokenizer
+
     model = perturbed_model(seed=9)
     model.save_pretrained(folder)
-    write_expectations(model, expected)
+    texts = load_demo_corpus("train").shuffle(seed=0).select(range(200))["text"]
+    tokenizer = train_tokenizer(texts, vocab_size=512)
+    save_tokenizer(tokenizer, folder)
+    write_expectations(model, expected, tokenizer_ids=tokenizer(TOKENIZER_TEXT)["input_ids"])
 
 
-def write_expectations(model: torch.nn.Module, expected: Path) -> None:
-    """Logits and greedy output of `model`, for check_remote_code.py to compare against."""
+def write_expectations(
+    model: torch.nn.Module, expected: Path, tokenizer_ids: list[int] | None = None
+) -> None:
+    """Logits and greedy output of `model` (and the ids the folder's tokenizer gives ``TOKENIZER_TEXT``), for
+    check_remote_code.py to compare against."""
     ids = torch.randint(11, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(ids).logits
         greedy = model.generate(ids[:1, :4], max_new_tokens=8, do_sample=False)
-    torch.save({"input_ids": ids, "logits": logits, "greedy": greedy}, expected)
+    payload = {"input_ids": ids, "logits": logits, "greedy": greedy}
+    if tokenizer_ids is not None:
+        payload.update(tokenizer_text=TOKENIZER_TEXT, tokenizer_ids=torch.tensor(tokenizer_ids))
+    torch.save(payload, expected)
 
 
 def check_without_package(folder: Path, expected: Path, work: Path) -> subprocess.CompletedProcess:
@@ -71,7 +87,7 @@ def test_exported_folder_loads_in_a_venv_with_only_torch_transformers_safetensor
     result = subprocess.run(
         [
             "bash",
-            str(ROOT / "scripts" / "check_export_venv.sh"),
+            str(ROOT / "scripts" / "checks" / "check_export_venv.sh"),
             str(tmp_path / "model"),
             str(tmp_path / "expected.pt"),
         ],

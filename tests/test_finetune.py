@@ -27,14 +27,14 @@ from sklearn.metrics import f1_score
 from transformers import AutoTokenizer
 
 import bilingual_glm
+import finetune  # the script's entry point, imported as a module (the repository root is on sys.path)
+from bilingual_glm.corpora.sentiment import read_sentiment_corpus, sentiment_splits
 from bilingual_glm.data.cloze import ClozeCollator, ClozeEncoder, cloze_scores
 from bilingual_glm.data.labeled import load_labeled_data
-from bilingual_glm.data.sentiment import read_sentiment_corpus, sentiment_splits
 from bilingual_glm.data.sft import SftCollator, pack_chats, tokenize_chat
 from bilingual_glm.metrics import METRIC_NAMES, load_metric
 from bilingual_glm.tokenizer import special_token_ids
 
-from .conftest import load_script
 from .test_reliability import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +51,6 @@ CHATS = [
         {"role": "assistant", "content": "You're welcome."},
     ],
 ]
-
-
-finetune = load_script(ROOT / "finetune.py")
 
 
 def make_pretrained_folder(path: Path, tokenizer_dir: Path) -> Path:
@@ -562,12 +559,13 @@ def test_resume_latest_without_a_complete_checkpoint_fails_naming_the_folder(tmp
 
 
 def test_sentiment_ensemble_scores_each_cloze_folder_as_finetune_did(tmp_path, pretrained_dir, monkeypatch):
-    """scripts/sentiment_ensemble.py re-scores a cloze output with the pattern its run_config.json records:
+    """scripts/experiments/sentiment_ensemble.py re-scores a cloze output with the pattern its run_config.json records:
     on the same texts it reproduces the finetune's own validation/test accuracy (fp32 on both sides, so no
     bf16 rounding flips a near-tie), two copies of one member average to that member, and a folder that is
     not a cloze output is refused by name."""
     monkeypatch.setenv("BILINGUAL_GLM_BF16", "0")
-    ensemble = load_script(ROOT / "scripts" / "sentiment_ensemble.py")
+    from scripts.experiments import sentiment_ensemble as ensemble
+
     out = tmp_path / "cloze"
     metrics = run_finetune(pretrained_dir, out, "--task", "cloze", "--cloze_template", "{text}感觉很[MASK]。")
     test = json.loads((out / "test_results.json").read_text())
@@ -593,7 +591,8 @@ def test_sentiment_ensemble_stacking_outweighs_a_loud_useless_member():
     """--stack fits the members' weights on validation: a member that is pure noise on a large scale drowns
     the informative one in the equal-weight average, but the fitted stack weights it down and keeps the
     informative member's accuracy on unseen (test) rows."""
-    ensemble = load_script(ROOT / "scripts" / "sentiment_ensemble.py")
+    from scripts.experiments import sentiment_ensemble as ensemble
+
     generator = torch.Generator().manual_seed(0)
 
     def members(n: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -617,15 +616,16 @@ def test_sentiment_ensemble_stacking_outweighs_a_loud_useless_member():
 
 
 def test_weight_soup_is_the_exact_mean_and_scores_like_a_finetune(tmp_path, pretrained_dir, monkeypatch):
-    """scripts/weight_soup.py: the soup's tensors are the element-wise mean of its members' (checked against
+    """scripts/experiments/weight_soup.py: the soup's tensors are the element-wise mean of its members' (checked against
     a hand-computed mean), a soup of one folder with itself is that folder (sentiment_ensemble re-scores it to
     the finetune's own accuracy), a member with other tensors is refused by name with nothing written, and an
     existing folder (a member's own, an earlier soup) is never replaced."""
     from safetensors.torch import load_file, save_file
 
     monkeypatch.setenv("BILINGUAL_GLM_BF16", "0")
-    soup = load_script(ROOT / "scripts" / "weight_soup.py")
-    ensemble = load_script(ROOT / "scripts" / "sentiment_ensemble.py")
+    from scripts.experiments import sentiment_ensemble as ensemble
+    from scripts.experiments import weight_soup as soup
+
     out = tmp_path / "cloze"
     metrics = run_finetune(pretrained_dir, out, "--task=cloze", "--save_strategy=steps", "--save_steps=2")
     assert (out / "checkpoint-2" / "model.safetensors").is_file()

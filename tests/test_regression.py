@@ -77,13 +77,13 @@ def _train_tokenizer(path: Path) -> None:
     train_tokenizer(texts, vocab_size=TOKENIZER["vocab_size"]).save_pretrained(path)
 
 
-def _run(tmp_path: Path) -> dict:
+def _run(tmp_path: Path, *extra: str) -> dict:
     """Train, then read back what the fixture records: per-step loss/objective/lr and the final eval."""
     tokenizer, out = tmp_path / "tokenizer", tmp_path / "run"
     _train_tokenizer(tokenizer)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, str(ROOT / "train.py"), *TRAIN_ARGS]
-    command += ["--tokenizer", str(tokenizer), "--output_dir", str(out)]
+    command += ["--tokenizer", str(tokenizer), "--output_dir", str(out), *extra]
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -99,8 +99,12 @@ def _run(tmp_path: Path) -> dict:
     }
 
 
-def test_first_steps_reproduce_the_recorded_losses(tmp_path):
-    observed = _run(tmp_path)
+@pytest.mark.parametrize("workers", [0, 2], ids=["collated-in-process", "collated-in-2-workers"])
+def test_first_steps_reproduce_the_recorded_losses(tmp_path, workers):
+    """The same numbers whether the DataLoader collates in the training process or in worker processes."""
+    observed = _run(tmp_path, "--dataloader_num_workers", str(workers))
+    if workers and os.environ.get(REGENERATE_ENV) == "1":
+        pytest.skip("the fixture is written from the in-process run")
     if os.environ.get(REGENERATE_ENV) == "1":
         payload = {
             "about": "train.py losses of the first steps; see tests/test_regression.py (how to regenerate)",

@@ -22,9 +22,11 @@ RESUMABLE = [
 ]
 
 
-def command(out: Path, tokenizer: Path, *extra: str) -> list[str]:
+def command(out: Path, tokenizer: Path, *extra: str, nan_at: int | None = None) -> list[str]:
+    """train.py's command line; ``nan_at``: through tests/inject_nan.py, micro-batch ``nan_at``'s loss NaN."""
+    launcher = [sys.executable] if nan_at is None else [sys.executable, "-m", "tests.inject_nan", str(nan_at)]
     return [
-        sys.executable,
+        *launcher,
         str(ROOT / "train.py"),
         *QUICK,
         *RESUMABLE,
@@ -105,8 +107,9 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, tokenizer_dir):
 def test_nan_loss_stops_naming_the_step_and_keeps_the_good_checkpoint(tmp_path, tokenizer_dir):
     out = tmp_path / "nan"
     result = subprocess.run(
-        command(out, tokenizer_dir),
-        env=env(BILINGUAL_GLM_TEST_NAN_AT_BATCH="6"),
+        command(out, tokenizer_dir, nan_at=6),
+        cwd=ROOT,
+        env=env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -133,8 +136,10 @@ def test_skip_nonfinite_batches_finishes_the_run_and_rotates_checkpoints(tmp_pat
             "2",
             "--max_steps",
             "8",
+            nan_at=3,
         ),
-        env=env(BILINGUAL_GLM_TEST_NAN_AT_BATCH="3"),
+        cwd=ROOT,
+        env=env(),
         capture_output=True,
         text=True,
         timeout=600,

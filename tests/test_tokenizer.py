@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -242,26 +243,69 @@ print(json.dumps({
 """
 
 
-def test_saved_folder_loads_in_fresh_process_without_package(tokenizer, tmp_path):
-    folder = tmp_path / "tokenizer"
-    tokenizer.save_pretrained(str(folder))
-    messages = CONVERSATION[:2]
+def run_without_package(code: str, cwd: Path, folder: Path, *payloads: object) -> dict:
+    """``code`` in an isolated interpreter (``-I``, no PYTHONPATH, stdin closed) with the folder and JSON
+    payloads as arguments; its last stdout line, parsed."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "-I", "-c", _FOREIGN_LOADER, str(folder), json.dumps(PROBES), json.dumps(messages)],
-        cwd=tmp_path,
+        [sys.executable, "-I", "-c", code, str(folder), *(json.dumps(payload) for payload in payloads)],
+        cwd=cwd,
         env=env,
+        stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_saved_folder_loads_in_fresh_process_without_package(tokenizer, tmp_path):
+    folder = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(str(folder))
+    messages = CONVERSATION[:2]
+    loaded = run_without_package(_FOREIGN_LOADER, tmp_path, folder, PROBES, messages)
     assert loaded["ids"] == [tokenizer.encode(p, add_special_tokens=False) for p in PROBES]
     assert loaded["chat"] == tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_dict=False
     )
     assert loaded["special"] == ["<|endoftext|>", "<pad>", "[MASK]", "right", 512]
+
+
+_MODEL_FOLDER_LOADER = """
+import builtins, json, sys
+sys.modules["bilingual_glm"] = None  # any import of our package now fails
+asked = []
+def closed_stdin(prompt=""):  # count any "run the custom code? [y/N]" question; answer as a closed stdin
+    asked.append(prompt)
+    raise EOFError
+builtins.input = closed_stdin
+import transformers
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])  # no trust_remote_code
+ids = [tok.encode(p, add_special_tokens=False) for p in json.loads(sys.argv[2])]
+print(json.dumps({"ids": ids, "asked": len(asked), "major": int(transformers.__version__.split(".")[0])}))
+"""
+
+
+def test_a_saved_model_folder_gives_its_tokenizer_without_remote_code(tokenizer, tmp_path):
+    """A model folder (config with auto_map, remote code files) + save_tokenizer: a process that never
+    imported bilingual_glm gets the tokenizer from ``AutoTokenizer.from_pretrained(folder)``. Its config
+    needs no remote code (no auto_map; a class every transformers has); transformers 4.x then asks nothing,
+    5.x asks once about the *model's* config (its AutoTokenizer loads AutoConfig first) and loads the
+    same tokenizer whatever the answer."""
+    from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM
+    from bilingual_glm.tokenizer import save_tokenizer
+
+    folder = tmp_path / "model"
+    BilingualGlmForCausalLM(BilingualGlmConfig.from_preset("tiny")).save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
+    saved = json.loads((folder / "tokenizer_config.json").read_text())
+    assert saved["tokenizer_class"] == "PreTrainedTokenizerFast" and "auto_map" not in saved
+    assert "AutoConfig" in json.loads((folder / "config.json").read_text())["auto_map"]  # the model keeps it
+    loaded = run_without_package(_MODEL_FOLDER_LOADER, tmp_path, folder, PROBES)
+    assert loaded["ids"] == [tokenizer.encode(p, add_special_tokens=False) for p in PROBES]
+    assert loaded["asked"] == 0 if loaded["major"] < 5 else loaded["asked"] <= 1
 
 
 def test_reload_in_process_keeps_template_and_ids(tokenizer, tmp_path):

@@ -1,6 +1,7 @@
 """End-to-end train.py runs on the tiny preset: every objective, the 2-process CPU path, outputs reloaded."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import bilingual_glm  # noqa: F401  (registers the Auto classes)
 from bilingual_glm.infill import infill
-
-from .conftest import load_script
+from bilingual_glm.training.arguments import TrainArguments, apply_config_overrides, check_start_folder
+from bilingual_glm.training.clock import TrainingClock
+from bilingual_glm.training.precision import resolve_mixed_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--preset", "tiny", "--block_size", "64", "--per_device_train_batch_size", "8"]
@@ -158,7 +160,8 @@ def test_bad_arguments_fail_with_one_clear_line(tmp_path, capsys):
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "train.py: error: --objective: 'bert' is not one of ('clm', 'glm', 'mlm') (spec 'bert')"
     ], result.stderr[-2000:]
-    train = load_script(ROOT / "train.py")
+    import train  # the script's own entry point, in-process: each case fails before Accelerate starts
+
     for args, needle in [
         (["--resume_from_checkpoint", "latest", "--output_dir", str(tmp_path)], "no complete checkpoint"),
         (["--train_files", str(tmp_path / "missing.txt")], "missing.txt"),
@@ -270,16 +273,15 @@ def test_time_budget_ends_the_run_and_a_resume_spends_the_rest(tmp_path, tokeniz
 
 
 def test_mixed_precision_auto_follows_the_one_bf16_rule(monkeypatch):
-    train = load_script(ROOT / "train.py")
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     for forced, expected in (("0", "no"), ("1", "bf16")):
         monkeypatch.setenv("BILINGUAL_GLM_BF16", forced)
-        assert train.resolve_mixed_precision("auto") == expected
-        assert train.resolve_mixed_precision("no") == "no"
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # an accelerate launch config's choice wins
-    assert train.resolve_mixed_precision("auto") == "no"
+        assert resolve_mixed_precision("auto") == expected
+        assert resolve_mixed_precision("no") == "no"
+    assert (
+        resolve_mixed_precision("auto", launch_choice="no") == "no"
+    )  # an accelerate launch config's choice wins
     with pytest.raises(ValueError, match="--max_train_minutes must be > 0"):
-        train.TrainingClock(None, 0.0, None, accelerator=None)
+        TrainingClock(None, 0.0, None, accelerator=None)
 
 
 def test_gradient_accumulation_counts_optimizer_steps_and_config_overrides_apply(tmp_path, tokenizer_dir):
@@ -296,17 +298,16 @@ def test_gradient_accumulation_counts_optimizer_steps_and_config_overrides_apply
 
 
 def test_bad_config_overrides_name_the_flag():
-    train = load_script(ROOT / "train.py")
     config = bilingual_glm.BilingualGlmConfig.from_preset("tiny")
     for overrides in ("no_such_field=3", "num_attention_heads=3"):
         with pytest.raises(ValueError, match="config_overrides|num_attention_heads"):
-            train.apply_config_overrides(config, overrides)
+            apply_config_overrides(config, overrides)
 
 
 def test_model_name_or_path_goes_on_from_the_folder_on_review_texts(tmp_path, tokenizer_dir):
     """Domain-adaptive pretraining: train.py --model_name_or_path starts from the folder's weights, config and
-    tokenizer, on the sentiment train split written by ``python -m bilingual_glm.data.sentiment``."""
-    from bilingual_glm.data.sentiment import main as write_sentiment
+    tokenizer, on the sentiment train split written by ``python -m bilingual_glm.corpora.sentiment``."""
+    from bilingual_glm.corpora.sentiment import main as write_sentiment
 
     data = tmp_path / "reviews"
     assert write_sentiment(["--output_dir", str(data)]) == 0
@@ -335,7 +336,138 @@ def test_model_name_or_path_goes_on_from_the_folder_on_review_texts(tmp_path, to
     resolved = json.loads((second / "run_config.json").read_text())
     assert resolved["model_name_or_path"] == str(first) and resolved["preset"] is None
 
-    train = load_script(ROOT / "train.py")
-    args = train.TrainArguments(model_name_or_path=str(first), tokenizer=str(tokenizer_dir))
+    args = TrainArguments(model_name_or_path=str(first), tokenizer=str(tokenizer_dir))
     with pytest.raises(ValueError, match="--tokenizer cannot be combined with --model_name_or_path"):
-        train.check_start_folder(args)
+        check_start_folder(args)
+
+
+# Each edge value either trains (exit 0) or stops with one line naming the flag or file (exit 2).
+EDGE_DRIVER = """
+import contextlib, io, json, sys
+import train
+
+for name, argv in json.loads(sys.argv[1]):
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = train.cli(argv)
+    print("EDGE " + json.dumps({"name": name, "status": status, "stderr": stderr.getvalue()}), flush=True)
+"""
+
+
+def test_edge_values_train_or_stop_with_a_clear_error(tmp_path, tokenizer_dir):
+    """One process runs every case through train.py's own entry point (fp32, so they share Accelerate's state)."""
+    files = {
+        "one_line.txt": "就一行。\n",
+        "empty.txt": "",
+        "blank_lines.txt": "\n\n   \n\n",
+        "gappy.txt": "\n\n".join(["北京是中国的首都。To be, or not to be."] * 60) + "\n\n\n\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    base = ["--preset", "tiny", "--block_size", "64", "--per_device_train_batch_size", "4", "--num_proc", "1"]
+    base += [
+        "--eval_blocks",
+        "1",
+        "--sample_new_tokens",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--objective",
+        "clm:0.5,glm:0.5",
+    ]
+    base += ["--tokenizer", str(tokenizer_dir), "--max_train_documents", "200"]
+    cases = {  # name: (extra arguments, None when it trains, else what the one error line must name)
+        "one_step": (["--max_steps", "1"], None),
+        "warmup_longer_than_run": (["--max_steps", "3", "--warmup_steps", "10"], None),
+        "budget_shorter_than_a_step": (["--max_train_minutes", "0.0001"], None),
+        "batch_of_one": (["--max_steps", "2", "--per_device_train_batch_size", "1"], None),
+        "one_document": (
+            ["--max_steps", "2", "--max_train_documents", "1", "--per_device_train_batch_size", "8"],
+            "--per_device_train_batch_size",
+        ),
+        "gappy_file": (["--max_steps", "2", "--train_files", str(tmp_path / "gappy.txt")], None),
+        "one_line_file": (
+            ["--max_steps", "2", "--train_files", str(tmp_path / "one_line.txt")],
+            "one_line.txt",
+        ),
+        "empty_file": (["--max_steps", "2", "--train_files", str(tmp_path / "empty.txt")], "empty.txt"),
+        "blank_lines_file": (
+            ["--max_steps", "2", "--train_files", str(tmp_path / "blank_lines.txt")],
+            "blank_lines.txt",
+        ),
+        "block_past_positions": (["--max_steps", "1", "--block_size", "100000"], "--block_size 100000"),
+        "zero_logging_steps": (["--max_steps", "1", "--logging_steps", "0"], "--logging_steps"),
+        "negative_warmup": (["--max_steps", "1", "--warmup_steps", "-1"], "--warmup_steps"),
+    }
+    argvs = [
+        [name, [*base, *extra, "--output_dir", str(tmp_path / name)]] for name, (extra, _) in cases.items()
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", EDGE_DRIVER, json.dumps(argvs)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [line.removeprefix("EDGE ") for line in result.stdout.splitlines() if line.startswith("EDGE ")]
+    outcomes = {outcome["name"]: outcome for outcome in map(json.loads, lines)}
+    assert outcomes.keys() == cases.keys(), result.stdout[-3000:]
+    for name, (_, needle) in cases.items():
+        outcome = outcomes[name]
+        if needle is None:
+            assert outcome["status"] == 0, (name, outcome)
+            assert (tmp_path / name / "model.safetensors").is_file(), name
+            losses = [r["loss"] for r in read_log(tmp_path / name) if "loss" in r]
+            assert losses and all(math.isfinite(loss) for loss in losses), (name, losses)
+        else:
+            errors = [line for line in outcome["stderr"].splitlines() if "error" in line.lower()]
+            assert outcome["status"] == 2 and len(errors) == 1, (name, outcome)
+            assert errors[0].startswith("train.py: error: ") and needle in errors[0], (name, errors)
+    assert "max_position_embeddings 512" in outcomes["block_past_positions"]["stderr"]
+    assert "tokens" in outcomes["one_line_file"]["stderr"]  # how much text there was, against --block_size
+
+
+def test_report_to_tensorboard_writes_the_logged_numbers(tmp_path, tokenizer_dir):
+    """--report_to tensorboard: Accelerate's tracker writes an event file under output_dir/trackers holding
+    the same loss and lr records as log.jsonl (which stays)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    run_train(
+        ["--report_to", "tensorboard", "--max_steps", "20", "--logging_steps", "5", "--objective", "clm"]
+        + ["--output_dir", str(out), "--tokenizer", str(tokenizer_dir)]
+    )
+    events = list((out / "trackers").rglob("events.out.tfevents.*"))
+    assert events, sorted(str(p) for p in out.rglob("*"))
+    scalars = {}
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            scalars[tag] = [(e.step, e.value) for e in accumulator.Scalars(tag)]
+    logged = [r for r in read_log(out) if "loss" in r]
+    assert [step for step, _ in scalars["loss"]] == [5, 10, 15, 20] == [r["step"] for r in logged]
+    for (_, value), record in zip(scalars["loss"], logged, strict=True):
+        assert value == pytest.approx(record["loss"], rel=1e-6)
+    assert [step for step, _ in scalars["lr"]] == [5, 10, 15, 20]
+    final = read_log(out)[-1]
+    assert scalars["eval_ppl_zh"][-1][1] == pytest.approx(final["eval_ppl_zh"], rel=1e-6)
+
+
+def test_help_prints_every_flag(capsys):
+    """``python train.py --help`` (a help string with a bare ``%`` once broke argparse's formatting)."""
+    import train
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert all(flag in printed for flag in ("--report_to", "--dataloader_num_workers", "--warmup_steps"))

@@ -1,11 +1,12 @@
-"""Collators for the three training objectives: GLM blank infilling, masked LM, packed causal LM."""
+"""Collators for the three pretraining objectives (``objectives.py``: clm, glm, mlm): packed causal LM, GLM blank
+infilling (whose own draw is a *span kind*: token, sentence, document), masked LM."""
 
 from bilingual_glm.data.blank_infilling import (
     GLM_10B_MIXTURE,
     GLM_BASE_MIXTURE,
     GLM_LARGE_CHINESE_MIXTURE,
-    OBJECTIVES,
     SENTENCE_END_CHARS,
+    SPAN_KINDS,
     BlankInfillingCollator,
     sentence_end_ids_from_tokenizer,
 )
@@ -16,7 +17,7 @@ __all__ = [
     "GLM_10B_MIXTURE",
     "GLM_BASE_MIXTURE",
     "GLM_LARGE_CHINESE_MIXTURE",
-    "OBJECTIVES",
+    "SPAN_KINDS",
     "SENTENCE_END_CHARS",
     "BlankInfillingCollator",
     "CausalCollator",

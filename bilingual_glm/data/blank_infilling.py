@@ -1,6 +1,6 @@
 r"""GLM autoregressive blank infilling: turn plain token sequences into GLM training batches.
 
-One objective is drawn per batch from ``mixture = (token, sentence, document)`` (GLM-Base 1/0/0,
+One span kind is drawn per batch from ``mixture = (token, sentence, document)`` (GLM-Base 1/0/0,
 GLM-10B 0.5/0.3/0.2, GLM-Large-Chinese 0.4/0.3/0.3); every row of the batch uses it:
 
 - **token** (``[MASK]``): span lengths from Poisson(λ=3) weights over ``1..max_span``, drawn until they
@@ -48,7 +48,8 @@ rounds that up).
 
 **Randomness.** One ``numpy`` generator per collator from ``seed`` (``reseed`` restarts it). Inside a
 ``DataLoader`` worker the generator is re-derived from ``seed`` and the worker's torch seed, so workers
-differ from each other and from epoch to epoch, and a run is reproducible under ``torch.manual_seed``.
+differ from each other and from epoch to epoch, and a run is reproducible under ``torch.manual_seed``
+(a ``reseed`` inside the worker pins it to that seed instead: per-batch seeds).
 Positions come from the spans the collator sampled, never from searching the ids for special tokens.
 """
 
@@ -69,8 +70,9 @@ from bilingual_glm.configuration.configuration_bilingual_glm import (
 )
 from bilingual_glm.modeling.modeling_bilingual_glm import span_position_ids
 
-Objective = Literal["token", "sentence", "document"]
-OBJECTIVES: tuple[Objective, ...] = ("token", "sentence", "document")
+# GLM's span kinds (the objective "glm" draws one per batch; "objective" names clm/glm/mlm, data/objectives.py)
+SpanKind = Literal["token", "sentence", "document"]
+SPAN_KINDS: tuple[SpanKind, ...] = ("token", "sentence", "document")
 GLM_BASE_MIXTURE = (1.0, 0.0, 0.0)
 GLM_10B_MIXTURE = (0.5, 0.3, 0.2)
 GLM_LARGE_CHINESE_MIXTURE = (0.4, 0.3, 0.3)
@@ -156,11 +158,16 @@ class SeededCollator:
     """A ``numpy`` generator from ``seed``, re-derived in each ``DataLoader`` worker (see module doc)."""
 
     def reseed(self, seed: int | None) -> None:
-        """Restart the random stream (``None``: fresh entropy)."""
+        """Restart the random stream (``None``: fresh entropy).
+
+        Called inside a ``DataLoader`` worker (a per-batch seed, ``ObjectiveMixtureCollator``), that worker
+        then draws from ``seed`` itself: the batch is the same whichever process collates it.
+        """
         self._seed_sequence = np.random.SeedSequence(seed)
         self._main_rng = np.random.default_rng(self._seed_sequence)
-        self._worker_key: tuple[int, int] | None = None
-        self._worker_rng: np.random.Generator | None = None
+        info = torch.utils.data.get_worker_info()
+        self._worker_key: tuple[int, int] | None = None if info is None else (info.id, info.seed)
+        self._worker_rng: np.random.Generator | None = None if info is None else self._main_rng
 
     def generator(self) -> np.random.Generator:
         """The generator for this process: the collator's own, or one per worker and epoch."""
@@ -327,7 +334,7 @@ class BlankInfillingCollator(SeededCollator):
     Token ids come from ``tokenizer`` (``[MASK]`` … ``<eop>``, its pad token) unless given explicitly;
     with neither, our own vocabulary's ids (``GLM_SPECIAL_TOKENS``). ``sentence_end_ids`` default to
     those computed from the tokenizer's vocabulary; without a tokenizer they must be given when the
-    sentence objective has non-zero probability.
+    sentence span kind has non-zero probability.
     """
 
     tokenizer: Any = field(default=None, repr=False)
@@ -339,7 +346,7 @@ class BlankInfillingCollator(SeededCollator):
     eop_token_id: int | None = None
     pad_token_id: int | None = None
     mixture: tuple[float, float, float] = GLM_BASE_MIXTURE  # (token, sentence, document), drawn per batch
-    mask_ratio: float = 0.15  # token and sentence objectives: fraction of tokens to cover (at least)
+    mask_ratio: float = 0.15  # token and sentence span kinds: fraction of tokens to cover (at least)
     poisson_lambda: float = 3.0  # token span lengths ~ Poisson(λ) restricted to 1..max_span
     max_span: int = 39
     document_min_ratio: float = 0.5  # document span length uniform in [ratio · n, n - 2]
@@ -385,7 +392,7 @@ class BlankInfillingCollator(SeededCollator):
                 raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
         if mixture[1] > 0 and self.sentence_end_ids is None and self.tokenizer is None:
             raise ValueError(
-                "sentence_end_ids: needed when mixture gives the sentence objective a non-zero weight "
+                "sentence_end_ids: needed when mixture gives the sentence span kind a non-zero weight "
                 "(pass the ids, or a tokenizer to compute them from)"
             )
 
@@ -393,27 +400,27 @@ class BlankInfillingCollator(SeededCollator):
         return self.collate(examples)
 
     def collate(
-        self, examples: Sequence[Mapping[str, Any]], objective: Objective | None = None
+        self, examples: Sequence[Mapping[str, Any]], span_kind: SpanKind | None = None
     ) -> dict[str, torch.Tensor]:
-        """Collate with the given objective, or with one drawn from ``mixture`` (once for the batch)."""
+        """Collate with the given span kind, or with one drawn from ``mixture`` (once for the batch)."""
         rng = self.generator()
-        if objective is None:
-            objective = OBJECTIVES[int(rng.choice(3, p=self._probabilities))]
-        elif objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if span_kind is None:
+            span_kind = SPAN_KINDS[int(rng.choice(3, p=self._probabilities))]
+        elif span_kind not in SPAN_KINDS:
+            raise ValueError(f"span_kind must be one of {SPAN_KINDS}, got {span_kind!r}")
         rows = [
-            self.corrupt(example_tokens(example, self.max_length), objective, rng) for example in examples
+            self.corrupt(example_tokens(example, self.max_length), span_kind, rng) for example in examples
         ]
         return self._pad(rows)
 
-    def corrupt(self, tokens: np.ndarray, objective: Objective, rng: np.random.Generator) -> InfillingRow:
-        """Sample the spans of one row for ``objective`` and build its Part A + Part B."""
-        if objective == "token":
+    def corrupt(self, tokens: np.ndarray, span_kind: SpanKind, rng: np.random.Generator) -> InfillingRow:
+        """Sample the spans of one row for ``span_kind`` and build its Part A + Part B."""
+        if span_kind == "token":
             spans, mask_id = (
                 sample_token_spans(len(tokens), rng, self._span_weights, self.mask_ratio),
                 self.mask_token_id,
             )
-        elif objective == "sentence":
+        elif span_kind == "sentence":
             spans = sample_sentence_spans(tokens, rng, self._sentence_ends(), self.mask_ratio)
             mask_id = self.smask_token_id
         else:
@@ -425,7 +432,7 @@ class BlankInfillingCollator(SeededCollator):
         """``sentence_end_ids`` as an array, computed from the tokenizer on first use if needed."""
         if self.sentence_end_ids is None:
             if self.tokenizer is None:
-                raise ValueError("sentence_end_ids: the sentence objective needs them (or a tokenizer)")
+                raise ValueError("sentence_end_ids: the sentence span kind needs them (or a tokenizer)")
             self.sentence_end_ids = sentence_end_ids_from_tokenizer(self.tokenizer)
         return np.array(sorted(self.sentence_end_ids), dtype=np.int64)
 

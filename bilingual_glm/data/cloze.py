@@ -209,9 +209,81 @@ def cloze_scores(model: Any, inputs: Mapping[str, torch.Tensor], candidates: lis
     return torch.stack(scores, dim=-1)  # [B, C]
 
 
+class ClozeClassifier:
+    """A causal LM as a classifier, the GLM cloze way: encoder → collator → answer scores, in one place.
+
+    finetune.py (``--task cloze``) trains through it, app.py scores a text with it, and
+    scripts/experiments/sentiment_ensemble.py scores a finetuned folder with it, so the three cannot drift
+    apart. ``template`` holds ``{text}`` and ``[MASK]``; ``verbalizers`` are the answer words in label order.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        template: str,
+        verbalizers: Sequence[str],
+        max_length: int = 256,
+        pad_to_multiple_of: int = 1,
+    ) -> None:
+        config = model.config
+        if config.mask_token_id is None or config.sop_token_id is None:
+            raise ValueError(
+                f"{config.name_or_path or 'the model'}: config needs mask_token_id and sop_token_id for cloze"
+            )
+        self.model, self.tokenizer = model, tokenizer
+        self.encoder = ClozeEncoder(
+            tokenizer, template, verbalizers, config.mask_token_id, config.sop_token_id, max_length=max_length
+        )
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+        self.collator = ClozeCollator(self.encoder.candidates, pad_token_id, pad_to_multiple_of)
+
+    @property
+    def candidates(self) -> list[list[int]]:
+        return self.encoder.candidates
+
+    def scores(self, batch: Mapping[str, torch.Tensor], model: Any = None) -> torch.Tensor:
+        """``[B, C]`` answer log-probabilities of a collated batch (``model``: e.g. Trainer's wrapped one)."""
+        return cloze_scores(model if model is not None else self.model, batch, self.candidates)
+
+    @torch.no_grad()
+    def log_probs(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """``[N, C]`` class log-probabilities of ``texts``, renormalised over the answers."""
+        rows = [self.encoder(text) for text in texts]
+        out = []
+        for start in range(0, len(rows), batch_size):
+            batch = self.collator(rows[start : start + batch_size])
+            out.append(self.scores(batch).float().log_softmax(-1))
+        return torch.cat(out)
+
+    def setup(self) -> dict[str, Any]:
+        """What a run records (run_config.json) so the classifier can be rebuilt from the folder."""
+        return {
+            "template": self.encoder.template,
+            "answers": self.encoder.answers,
+            "candidates": self.candidates,
+        }
+
+    @classmethod
+    def from_setup(
+        cls, model: Any, tokenizer: Any, setup: Mapping[str, Any], **kwargs: Any
+    ) -> ClozeClassifier:
+        """Rebuild from a recorded ``setup``; the answers must tokenize to the recorded ids."""
+        # ClozeEncoder moves a space before [MASK] into the answers itself: hand it the bare words
+        spaced = setup["template"].split("[MASK]")[0].endswith(" ")
+        words = [answer.removeprefix(" ") if spaced else answer for answer in setup["answers"]]
+        classifier = cls(model, tokenizer, setup["template"], words, **kwargs)
+        if "candidates" in setup and classifier.candidates != setup["candidates"]:
+            raise ValueError(
+                f"the tokenizer gives answer ids {classifier.candidates}, the run recorded {setup['candidates']}"
+            )
+        return classifier
+
+
 __all__ = [
     "DEFAULT_CLOZE_TEMPLATES",
     "DEFAULT_VERBALIZERS",
+    "ClozeClassifier",
     "ClozeCollator",
     "ClozeEncoder",
     "cloze_scores",

@@ -1,5 +1,5 @@
-"""Local data files and installed-package data: the one table of file formats every loader reads, and the
-one way files are written (to a temporary name, then renamed: a crash never leaves half a file).
+"""Local data files and installed-package data: the one table of file formats every loader reads. (Writing
+is ``bilingual_glm.io``'s: a temporary name, then a rename, so a crash never leaves half a file.)
 
 Pretraining text (``bilingual_glm.corpora.load_text_files``) and finetuning rows (labelled texts, chats)
 come from the same kinds of files; each caller names the suffixes it accepts, this module checks and
@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import codecs
 import importlib.util
-import json
-import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import datasets
 
@@ -133,23 +130,6 @@ def hub_splits(dataset_name: str, dataset_config: str | None) -> dict[str, datas
     return splits
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """``path`` gets ``text`` (UTF-8) whole or not at all: written to a hidden name beside it, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """One indented JSON document (run configs, training states); values JSON lacks become strings."""
-    write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    """JSON Lines, one object per row, as the loaders here read them back."""
-    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
 def round_up(width: int, multiple: int) -> int:
     """``width`` rounded up to a multiple of ``multiple`` (padded batch widths: few distinct shapes)."""
     return -(-width // multiple) * multiple
@@ -165,7 +145,4 @@ __all__ = [
     "read_file",
     "require_columns",
     "round_up",
-    "write_json_atomic",
-    "write_jsonl",
-    "write_text_atomic",
 ]

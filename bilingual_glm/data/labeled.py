@@ -7,8 +7,8 @@ import logging
 
 import datasets
 
+from bilingual_glm.corpora.sentiment import SENTIMENT_LABELS, sentiment_splits
 from bilingual_glm.data.files import ROW_SUFFIXES, hub_splits, read_file, require_columns
-from bilingual_glm.data.sentiment import SENTIMENT_LABELS, sentiment_splits
 
 logger = logging.getLogger(__name__)
 

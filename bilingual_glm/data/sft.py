@@ -14,6 +14,7 @@ from typing import Any
 import datasets
 import torch
 
+from bilingual_glm.data.blank_infilling import IGNORE_INDEX
 from bilingual_glm.data.files import ROW_SUFFIXES, hub_splits, read_file, require_columns, round_up
 
 
@@ -72,7 +73,7 @@ def tokenize_chat(example: Mapping[str, Any], tokenizer: Any, max_length: int) -
     mask = list(rendered["assistant_masks"])[:max_length]
     return {
         "input_ids": ids,
-        "labels": [token if keep else -100 for token, keep in zip(ids, mask, strict=True)],
+        "labels": [token if keep else IGNORE_INDEX for token, keep in zip(ids, mask, strict=True)],
     }
 
 
@@ -126,7 +127,7 @@ class SftCollator:
                     for example in examples
                 ]
             ),
-            "labels": pad("labels", -100),
+            "labels": pad("labels", IGNORE_INDEX),
         }
         if all("position_ids" in example for example in examples):
             batch["position_ids"] = pad("position_ids", 0)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Check an exported folder in a fresh venv that holds only torch, transformers and safetensors.
-#   bash scripts/check_export_venv.sh FOLDER EXPECTED.pt [TRANSFORMERS_SPEC]
+#   bash scripts/checks/check_export_venv.sh FOLDER EXPECTED.pt [TRANSFORMERS_SPEC]
 # TRANSFORMERS_SPEC defaults to the version installed beside this checkout's tests.
 set -euo pipefail
 folder=$1 expected=$2

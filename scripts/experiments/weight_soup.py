@@ -1,11 +1,11 @@
 """Average the weights of several finetunes of one pretrained model into one model folder (a "model soup").
 
-    python scripts/weight_soup.py runs/cloze-a runs/cloze-b --output_dir runs/soup       # uniform soup
-    python scripts/weight_soup.py runs/cloze-a/checkpoint-660 runs/cloze-a --setup_from runs/cloze-a \
+    python scripts/experiments/weight_soup.py runs/cloze-a runs/cloze-b --output_dir runs/soup       # uniform soup
+    python scripts/experiments/weight_soup.py runs/cloze-a/checkpoint-660 runs/cloze-a --setup_from runs/cloze-a \
         --output_dir runs/cloze-a-avg                                                   # one run's last checkpoints
 
 Why: averaging the *predictions* of several finetunes buys about a point on the sentiment split
-(``scripts/sentiment_ensemble.py``) but costs one forward per member at inference. Finetunes that start
+(``scripts/experiments/sentiment_ensemble.py``) but costs one forward per member at inference. Finetunes that start
 from the same pretrained weights and add no new parameters (the GLM cloze task trains no head) tend to stay
 in one low-loss basin, so averaging their *weights* (Wortsman et al., 2022, "Model soups") can keep much of
 that gain in a single model with one forward. Whether it does here is measured in docs/finetune.md.
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from bilingual_glm.chatglm import atomic_folder, check_destination
+from bilingual_glm.io import atomic_folder, check_destination
 
 WEIGHTS = "model.safetensors"
 # Files of a finetune output that describe training, not the model: not carried into the soup.

@@ -198,14 +198,3 @@ def load_text_files(paths: Sequence[str | Path]) -> datasets.Dataset:
         check_file(path, TEXT_SUFFIXES)  # every file checked before any is parsed
     parts = [_read_one(path) for path in resolved]
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
-
-__all__ = [
-    "LANGUAGES",
-    "SPLITS",
-    "is_validation_document",
-    "load_demo_corpus",
-    "load_text_files",
-    "play_to_documents",
-    "untag_pos_line",
-]

@@ -40,7 +40,8 @@ from pathlib import Path
 import datasets
 import yaml
 
-from bilingual_glm.data.files import package_dir, write_jsonl
+from bilingual_glm.data.files import package_dir
+from bilingual_glm.io import write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -209,7 +210,7 @@ def write_dialogue_jsonl(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bilingual_glm.data.dialogues --output_dir data/chat``: write the split as JSON Lines."""
+    """``python -m bilingual_glm.corpora.dialogues --output_dir data/chat``: write the split as JSON Lines."""
     parser = argparse.ArgumentParser(description="Write the ChatterBot zh+en chats as SFT JSON Lines.")
     parser.add_argument("--output_dir", required=True, help="Folder for train.jsonl and validation.jsonl.")
     parser.add_argument(

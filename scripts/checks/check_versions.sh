@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Remote code across transformers versions: export a tiny model with this checkout, then load the
 # exported folder (package absent) in one fresh venv per version and compare logits and greedy output.
-#   bash scripts/check_versions.sh [SPEC ...]
+#   bash scripts/checks/check_versions.sh [SPEC ...]
 # Default specs: the last 4.x, the first 5.x, and the newest 5.x. Needs the project venv active
 # (it exports with the installed package). Exit status: non-zero if any version fails.
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cd "$here/.."
+cd "$here/../.."
 specs=("$@")
 [ ${#specs[@]} -gt 0 ] || specs=("transformers==4.57.6" "transformers==5.0.0" "transformers>=5,<6")
 work=$(mktemp -d)

@@ -1,15 +1,15 @@
 """Bag-of-characters baselines for the sentiment corpus, on exactly the split finetune.py uses.
 
-    python scripts/sentiment_baseline.py                    # train on train, report validation + test
-    python scripts/sentiment_baseline.py --train_on train+validation
-    python scripts/sentiment_baseline.py --output results.json
+    python scripts/experiments/sentiment_baseline.py                    # train on train, report validation + test
+    python scripts/experiments/sentiment_baseline.py --train_on train+validation
+    python scripts/experiments/sentiment_baseline.py --output results.json
 
 Two scikit-learn models over characters (Chinese has no spaces, so characters are the natural unit):
 
 - ``tfidf_logreg``: TF-IDF of character 1-3-grams (sublinear tf) + LogisticRegression (C=``--C``).
 - ``char_naive_bayes``: character 1-2-gram counts + multinomial naive Bayes (alpha=1).
 
-The split is ``bilingual_glm.data.sentiment.sentiment_splits()``: deduplicated, conflicting texts dropped,
+The split is ``bilingual_glm.corpora.sentiment.sentiment_splits()``: deduplicated, conflicting texts dropped,
 shuffled with ``random.Random(0)``, 1,736 test texts. Prints one JSON object (accuracy and macro-F1 per model and split).
 """
 
@@ -27,7 +27,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.naive_bayes import MultinomialNB
 from sklearn.pipeline import make_pipeline
 
-from bilingual_glm.data.sentiment import read_sentiment_corpus, sentiment_splits
+from bilingual_glm.corpora.sentiment import read_sentiment_corpus, sentiment_splits
 
 
 def build_models(c: float) -> dict:

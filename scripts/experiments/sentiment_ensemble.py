@@ -1,14 +1,14 @@
 """Average the class log-probabilities of several cloze finetunes (and, optionally, the TF-IDF baseline).
 
-    python scripts/sentiment_ensemble.py runs/cloze-a runs/cloze-b              # two cloze finetunes
-    python scripts/sentiment_ensemble.py runs/cloze-a --tfidf --output ens.json  # + char TF-IDF/logreg
-    python scripts/sentiment_ensemble.py runs/cloze-* --tfidf --stack            # + weights fit on validation
+    python scripts/experiments/sentiment_ensemble.py runs/cloze-a runs/cloze-b              # two cloze finetunes
+    python scripts/experiments/sentiment_ensemble.py runs/cloze-a --tfidf --output ens.json  # + char TF-IDF/logreg
+    python scripts/experiments/sentiment_ensemble.py runs/cloze-* --tfidf --stack            # + weights fit on validation
 
 Why: single finetunes of a 7M-parameter model differ by about a point from seed to seed and pattern to
 pattern (test SE ≈ 0.9 points on 1,736 texts), and their errors are partly independent, so averaging
 is the cheapest way to buy accuracy after training. Each folder is a ``finetune.py --task cloze`` output:
 its ``run_config.json`` says which pattern, answers and ``--max_length`` it was trained with, and it is
-scored with exactly those. ``--tfidf`` adds ``scripts/sentiment_baseline.py``'s TF-IDF + logistic
+scored with exactly those. ``--tfidf`` adds ``scripts/experiments/sentiment_baseline.py``'s TF-IDF + logistic
 regression (fit on the train split) as one more member: a bag-of-characters model whose errors differ
 most from the GLM's.
 
@@ -35,9 +35,9 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bilingual_glm.data.cloze import ClozeCollator, ClozeEncoder, cloze_scores
-from bilingual_glm.data.files import write_json_atomic
-from bilingual_glm.data.sentiment import sentiment_splits
+from bilingual_glm.corpora.sentiment import sentiment_splits
+from bilingual_glm.data.cloze import ClozeClassifier
+from bilingual_glm.io import write_json_atomic
 from bilingual_glm.modeling.kernels_bilingual_glm import fast_bf16
 
 SPLITS = ("validation", "test")
@@ -54,32 +54,19 @@ def read_cloze_setup(folder: Path) -> dict:
     return {**config["cloze"], "max_length": config["finetune"]["max_length"]}
 
 
-@torch.no_grad()
 def cloze_log_probs(folder: Path, texts: list[str], batch_size: int) -> torch.Tensor:
     """``[N, C]`` class log-probabilities of one cloze finetune, scored as finetune.py scores it."""
     setup = read_cloze_setup(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    config = model.config
-    # ClozeEncoder moves a space before [MASK] into the answers itself: hand it the bare words
-    spaced = setup["template"].split("[MASK]")[0].endswith(" ")
-    words = [answer.removeprefix(" ") if spaced else answer for answer in setup["answers"]]
-    encoder = ClozeEncoder(
-        tokenizer, setup["template"], words, config.mask_token_id, config.sop_token_id, setup["max_length"]
-    )
-    if encoder.candidates != setup["candidates"]:
-        raise ValueError(
-            f"{folder}: the tokenizer gives answer ids {encoder.candidates}, "
-            f"run_config.json recorded {setup['candidates']}"
+    try:
+        classifier = ClozeClassifier.from_setup(
+            model, tokenizer, setup, max_length=setup["max_length"], pad_to_multiple_of=16
         )
-    collator = ClozeCollator(encoder.candidates, config.pad_token_id, pad_to_multiple_of=16)
-    rows = [encoder(text) for text in texts]
-    scores = []
+    except ValueError as error:
+        raise ValueError(f"{folder}: {error}") from None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=fast_bf16(torch.device("cpu"))):
-        for start in range(0, len(rows), batch_size):
-            batch = collator(rows[start : start + batch_size])
-            scores.append(cloze_scores(model, batch, encoder.candidates).float().log_softmax(-1))
-    return torch.cat(scores)
+        return classifier.log_probs(texts, batch_size)
 
 
 def tfidf_log_probs(splits) -> dict[str, torch.Tensor]:

