@@ -26,6 +26,7 @@ lint: setup
 # capability (torch 2.13 served AVX-512 code to AVX2 runs, NaN logits; docs/architecture.md).
 MODEL_TESTS := tests/test_modeling.py tests/test_parity.py tests/test_hardware.py tests/test_citizen.py
 MODEL_TESTS += tests/test_benchmarks.py::test_tiny_run_writes_every_row_with_the_documented_schema
+MODEL_TESTS += --deselect tests/test_citizen.py::test_tp_plan_auto_shards_ours_and_native_alike  # gloo, not ISA
 AVX2_CAPS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 CAPPED_BF16 := import torch; from modeling.kernels_bilingual_glm import fast_bf16; print('auto' if fast_bf16() else 1)
 test: lint
