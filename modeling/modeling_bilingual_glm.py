@@ -128,12 +128,13 @@ class BilingualGlmRotaryEmbedding(nn.Module):
         inv_freq = self.inv_freq.to(device=x.device, dtype=torch.float)
         freqs = position_ids[..., None].float() * inv_freq  # [B, T, r/2] or [B, 2, T, r/2]
         if position_ids.dim() == 3:
-            freqs, block = freqs[:, 0], freqs[:, 1]
-        else:  # block position 0 where the slice fits
-            block = torch.zeros_like(freqs) if 2 * self.config.rotary_dim <= self.config.head_dim else None
-        cos, sin = freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
-        if block is not None:
-            cos, sin = torch.cat((cos, block.cos()), dim=-1), torch.cat((sin, block.sin()), dim=-1)
+            freqs = torch.cat((freqs[:, 0], freqs[:, 1]), dim=-1)  # [B, T, r]
+        elif 2 * self.config.rotary_dim <= self.config.head_dim:
+            freqs = F.pad(freqs, (0, freqs.shape[-1]))  # [B, T, r]: block position 0
+        cos, sin = freqs.cos(), freqs.sin()  # one kernel each: decoding calls this every token
+        if self.attention_scaling != 1.0:  # YaRN: the position slice only (block 0 stays the identity)
+            cos[..., : inv_freq.shape[-1]] *= self.attention_scaling
+            sin[..., : inv_freq.shape[-1]] *= self.attention_scaling
         return cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)  # broadcast over heads
 
 
