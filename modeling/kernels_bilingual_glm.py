@@ -146,12 +146,12 @@ def fast_bf16(device: torch.device | str = "cpu") -> bool:
 
 
 # Does oneDNN's fp32 matmul beat MKL's sgemm on the model's shapes (fwd + both bwd matmuls, 2 cores)? One
-# entry per measured kind (``cpu_kind``), figures in benchmarks/README.md ("CPU kinds"); pinned one row
+# entry per measured kind (``cpu_kind``), figures in benchmarks/README.md ("per CPU kind"); pinned one row
 # per kind in tests/test_hardware.py. A kind not listed was never measured and keeps torch's default.
 ONEDNN_FP32_WINS = {
     # Zen 5 (EPYC 9B45): 2.3x; Zen 4 (EPYC family 25 model 17): wins on every projection
     ("AuthenticAMD", "avx512_bf16"): True,
-    # Zen 3 (EPYC family 25 model 1): 0.82-0.87; Zen 4 capped at AVX2: loses on all but one projection
+    # Zen 3 (EPYC family 25 model 1): 0.82-0.87; Zen 4 capped at AVX2: 0.91-1.05, no projection wins
     ("AuthenticAMD", "avx2"): False,
     # Xeon with AMX (family 6 model 143 / 167): MKL faster
     ("GenuineIntel", "amx"): False,
@@ -161,10 +161,10 @@ ONEDNN_FP32_WINS = {
 def onednn_fp32_wins() -> bool:
     """Whether CPU fp32 linears should run on oneDNN rather than torch's default (MKL's sgemm).
 
-    Keyed to the CPU kind (vendor and widest usable ISA: ``cpu_kind``), since that decides which library's
-    sgemm is faster: on AMD with AVX-512 MKL runs its generic kernels and oneDNN its AVX-512 ones; capped
-    at AVX2 (Zen 3, or any AMD under ``ONEDNN_MAX_CPU_ISA=AVX2``) both run AVX2 and MKL's is faster.
-    Unmeasured kinds get the plain op (``ONEDNN_FP32_WINS``).
+    Keyed to the CPU kind (vendor and widest usable ISA: ``cpu_kind``), not the vendor alone: on AMD with
+    AVX-512 (Zen 4, Zen 5) oneDNN was measured faster, on AVX2-only AMD (Zen 3, or a newer AMD under the
+    AVX2 caps) MKL was as fast or faster, on Intel with AMX MKL was faster. Unmeasured kinds get the plain
+    op (``ONEDNN_FP32_WINS``).
     """
     return ONEDNN_FP32_WINS.get(cpu_kind(cpu_info()), False)
 
