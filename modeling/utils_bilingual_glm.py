@@ -238,11 +238,10 @@ def check_prefix(
 
 
 def check_token_ids(config: BilingualGlmConfig, input_ids: torch.Tensor) -> None:
-    """An id outside the vocabulary would fail deep in the embedding lookup (or silently on GPU).
-
-    Like every value check here (each one a device sync), skipped inside ``torch.compile``: a full graph
-    cannot branch on tensor values."""
-    if input_ids.numel() == 0 or torch.compiler.is_compiling():
+    """An id outside the vocabulary would fail deep in the embedding lookup (or silently on GPU). A device
+    sync: the model calls it only in eager prefill and training (``check_values`` in its forward), since a
+    full ``torch.compile`` graph cannot branch on tensor values."""
+    if input_ids.numel() == 0:
         return
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= config.vocab_size:
@@ -270,7 +269,7 @@ def check_positions(
             f"position_ids must be [batch={batch}, {q_len}] or [batch, 2, {q_len}], "
             f"got shape {tuple(position_ids.shape)}"
         )
-    if check_values and position_ids.numel() and not torch.compiler.is_compiling() and position_ids.min() < 0:
+    if check_values and position_ids.numel() and position_ids.min() < 0:  # check_values: never when compiling
         raise ValueError(f"position_ids must be >= 0, got minimum {int(position_ids.min())}")
     if position_ids.dim() == 3:
         if position_ids.shape[1] != 2:
