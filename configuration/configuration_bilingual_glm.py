@@ -103,6 +103,48 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
         **_OWN_TOKEN_IDS,
     ),
+    # CI's MoE: 4 routed experts (top-2) + 1 shared, the first layer dense, qk-norm, glm4_moe's rotary layout.
+    "moe-tiny": dict(
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        n_routed_experts=4,
+        moe_intermediate_size=32,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        use_qk_norm=True,
+        rotary_interleaved=False,
+        router_bias_update_rate=1e-3,
+        **_OWN_TOKEN_IDS,
+    ),
+    # train.py's CPU MoE: `mini`'s attention and vocabulary, 8 experts of 1/4 the dense width, top-2 + 1 shared
+    # (active MLP width = 3/4 of mini's), one dense layer first, GLM-4.5's loss-free balancing.
+    "moe-mini": dict(
+        vocab_size=16384,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        n_routed_experts=8,
+        moe_intermediate_size=172,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        use_qk_norm=True,
+        rotary_interleaved=False,
+        router_bias_update_rate=1e-3,
+        **_OWN_TOKEN_IDS,
+    ),
     "glm-4-9b": dict(
         vocab_size=151552,
         hidden_size=4096,
@@ -124,7 +166,54 @@ PRESETS: dict[str, dict[str, Any]] = {
         sop_token_id=151333,
         eop_token_id=151334,
     ),
+    # GLM-4.5-Air's geometry (zai-org/GLM-4.5-Air config.json): meta device only (106B parameters).
+    "glm-4.5-air": dict(
+        vocab_size=151552,
+        hidden_size=4096,
+        intermediate_size=10944,
+        num_hidden_layers=46,
+        num_attention_heads=96,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=1000000.0,
+        attention_bias=True,
+        tie_word_embeddings=False,
+        n_routed_experts=128,
+        moe_intermediate_size=1408,
+        num_experts_per_tok=8,
+        n_shared_experts=1,
+        routed_scaling_factor=1.0,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        use_qk_norm=False,
+        rotary_interleaved=False,
+        eos_token_id=[151329, 151336, 151338],
+        pad_token_id=151329,
+        bos_token_id=None,
+        mask_token_id=151330,
+        gmask_token_id=151331,
+        smask_token_id=151332,
+        sop_token_id=151333,
+        eop_token_id=151334,
+    ),
 }
+
+# Mixture-of-Experts fields, named as transformers' ``Glm4MoeConfig`` names them (the converters copy them
+# across); ``n_routed_experts=0``, our default, means no MoE: every layer dense, the model exactly ``glm``/``glm4``.
+MOE_FIELDS: tuple[str, ...] = (
+    "n_routed_experts",
+    "moe_intermediate_size",
+    "num_experts_per_tok",
+    "n_shared_experts",
+    "routed_scaling_factor",
+    "n_group",
+    "topk_group",
+    "first_k_dense_replace",
+    "norm_topk_prob",
+    "use_qk_norm",
+)
 
 _POSITIVE_INT_FIELDS = (
     "vocab_size",
@@ -193,9 +282,23 @@ class BilingualGlmConfig(PretrainedConfig):
         attention_bias: bool = True,
         attention_dropout: float = 0.0,
         sandwich_norms: bool = False,
+        use_qk_norm: bool = False,
+        # mixture of experts (``glm4_moe``'s names; ``n_routed_experts=0``: dense)
+        n_routed_experts: int = 0,
+        moe_intermediate_size: int = 1408,
+        num_experts_per_tok: int = 8,
+        n_shared_experts: int = 1,
+        routed_scaling_factor: float = 1.0,
+        n_group: int = 1,
+        topk_group: int = 1,
+        first_k_dense_replace: int = 1,
+        norm_topk_prob: bool = True,
+        router_bias_update_rate: float = 0.0,
+        router_aux_loss_coef: float = 0.0,
         # rotary (``rope_parameters`` wins over the two flat fields, which older folders carry)
         rope_theta: float = 10000.0,
         partial_rotary_factor: float = 0.5,
+        rotary_interleaved: bool = True,
         rope_parameters: dict[str, Any] | None = None,
         # init / heads / cache
         initializer_range: float = 0.02,
@@ -235,6 +338,19 @@ class BilingualGlmConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.attention_dropout = attention_dropout
         self.sandwich_norms = sandwich_norms
+        self.use_qk_norm = use_qk_norm
+        self.n_routed_experts = n_routed_experts
+        self.moe_intermediate_size = moe_intermediate_size
+        self.num_experts_per_tok = num_experts_per_tok
+        self.n_shared_experts = n_shared_experts
+        self.routed_scaling_factor = routed_scaling_factor
+        self.n_group = n_group
+        self.topk_group = topk_group
+        self.first_k_dense_replace = first_k_dense_replace
+        self.norm_topk_prob = norm_topk_prob
+        self.router_bias_update_rate = router_bias_update_rate
+        self.router_aux_loss_coef = router_aux_loss_coef
+        self.rotary_interleaved = rotary_interleaved
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         self.mask_token_id = mask_token_id
@@ -281,6 +397,14 @@ class BilingualGlmConfig(PretrainedConfig):
         )
 
     @property
+    def is_moe(self) -> bool:
+        """Mixture-of-Experts layers from ``first_k_dense_replace`` on (``glm4_moe``); else every layer dense."""
+        return self.n_routed_experts > 0
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.is_moe and layer_idx >= self.first_k_dense_replace
+
+    @property
     def rotary_dim(self) -> int:
         """Dims of each head rotated by the token position (the same number again by block position)."""
         return int(self.head_dim * self.partial_rotary_factor)
@@ -312,12 +436,56 @@ class BilingualGlmConfig(PretrainedConfig):
             raise ValueError(f"initializer_range must be >= 0, got {self.initializer_range!r}")
         if not isinstance(self.attention_dropout, (int, float)) or not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
-        if not isinstance(self.sandwich_norms, bool):
-            raise ValueError(f"sandwich_norms must be True or False, got {self.sandwich_norms!r}")
+        for name in ("sandwich_norms", "use_qk_norm", "rotary_interleaved", "norm_topk_prob"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self._validate_moe()
         if self.hidden_act != "silu":
             raise ValueError(f"hidden_act must be 'silu' (GLM-4's SwiGLU), got {self.hidden_act!r}")
         self._validate_rope_parameters()
         self._drop_token_ids_outside_vocab()
+
+    def _validate_moe(self) -> None:
+        """The routed-expert geometry ``glm4_moe``'s router can run: groups of >= 2 experts, k experts reachable."""
+        experts = self.n_routed_experts
+        if isinstance(experts, bool) or not isinstance(experts, int) or experts < 0:
+            raise ValueError(f"n_routed_experts must be an integer >= 0 (0: no MoE), got {experts!r}")
+        for name, low in (("router_bias_update_rate", 0.0), ("router_aux_loss_coef", 0.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
+        if not experts:
+            return
+        for name, low, high in (
+            ("moe_intermediate_size", 1, None),
+            ("n_shared_experts", 0, None),
+            ("n_group", 1, experts),
+            ("num_experts_per_tok", 1, experts),
+            ("topk_group", 1, self.n_group),
+            ("first_k_dense_replace", 0, self.num_hidden_layers),
+        ):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < low
+                or (high and value > high)
+            ):
+                bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+                raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+        if experts % self.n_group or experts // self.n_group < 2:
+            raise ValueError(
+                f"n_group ({self.n_group}) must divide n_routed_experts ({experts}) into groups of >= 2 experts "
+                "(a group is scored by its two best experts)"
+            )
+        if self.num_experts_per_tok > self.topk_group * (experts // self.n_group):
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in topk_group "
+                f"({self.topk_group}) groups of {experts // self.n_group}"
+            )
+        scale = self.routed_scaling_factor
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"routed_scaling_factor must be a number > 0, got {scale!r}")
 
     def _validate_rope_parameters(self) -> None:
         rope = self.rope_parameters
@@ -408,6 +576,7 @@ def _safe_div(numerator: Any, denominator: Any) -> Any:
 __all__ = [
     "BilingualGlmConfig",
     "GLM_SPECIAL_TOKENS",
+    "MOE_FIELDS",
     "GLM_TOKEN_FIELDS",
     "PRESETS",
     "ROPE_TYPES",

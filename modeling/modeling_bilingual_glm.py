@@ -9,9 +9,13 @@ Read top to bottom: norm → rotary → attention → MLP → layer → PreTrain
 - Partial, *interleaved* rotary embedding (GLM-4 convention) extended to GLM's 2D positions: the first
   rotary slice of each head follows the token position, the next slice the block position.
 - Prefix ("Part A") attention: a per-row prefix length opens the first columns to every query.
+- Optional Mixture-of-Experts layers as transformers' ``glm4_moe`` (GLM-4.5/4.6/4.7): ``config.n_routed_experts``
+  sigmoid-routed experts with a correction bias, shared experts, dense first layers, per-head q/k norms and the
+  half-split ("NeoX") rotary layout (``rotary_interleaved=False``). Off by default.
 
 With 1D positions (or block positions all zero) and no prefix this is exactly transformers' native
-``GlmForCausalLM`` (``Glm4ForCausalLM`` with sandwich norms), weight name for weight name;
+``GlmForCausalLM`` (``Glm4ForCausalLM`` with sandwich norms, ``Glm4MoeForCausalLM`` with MoE), weight name for
+weight name (transformers 5's fused expert tensors);
 ``bilingual_glm.conversion`` moves checkpoints both ways.
 
 CPU fast paths are opt-in and named (bodies in ``kernels_bilingual_glm.py``):
@@ -35,6 +39,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
+    MoeCausalLMOutputWithPast,
     SequenceClassifierOutputWithPast,
 )
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -138,18 +143,30 @@ class BilingualGlmRotaryEmbedding(nn.Module):
         return cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)  # broadcast over heads
 
 
-def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent pairs ``(x[2i], x[2i+1])`` of the first ``2 * n_pairs`` dims; the rest pass.
+def apply_rotary_pos_emb(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half_split: int | None = None
+) -> torch.Tensor:
+    """Rotate the first ``2 * n_pairs`` dims of ``x``; the rest pass.
 
-    A pair is the complex number ``x[2i] + i·x[2i+1]`` and the rotation a multiplication by
-    ``cos + i·sin``: the same products and sums as the real form, bit for bit, in one kernel instead of
-    six (in at least fp32; the result has the dtype ``x * cos`` would have).
+    ``half_split=None``: adjacent pairs ``(x[2i], x[2i+1])`` (GLM-4, ``glm``). A pair is the complex number
+    ``x[2i] + i·x[2i+1]`` and the rotation a multiplication by ``cos + i·sin``: the same products and sums as
+    the real form, bit for bit, in one kernel instead of six (in at least fp32; the result has the dtype
+    ``x * cos`` would have).
+
+    ``half_split=r``: within each ``r``-dim slice (position slice, then block slice), dim ``i`` pairs with
+    ``i + r/2`` ("NeoX", ``glm4_moe``): ``(x1·cos − x2·sin, x2·cos + x1·sin)``, the products native forms.
     """
     rotary = 2 * cos.shape[-1]
     dtype = torch.promote_types(x.dtype, cos.dtype)
     compute = torch.promote_types(dtype, torch.float32)  # complex32 has too few kernels
-    pairs = torch.view_as_complex(x[..., :rotary].to(compute).unflatten(-1, (-1, 2)))  # [B, H, T, n_pairs]
-    rotated = torch.view_as_real(pairs * torch.complex(cos.to(compute), sin.to(compute))).flatten(-2)
+    if half_split is None:
+        pairs = torch.view_as_complex(x[..., :rotary].to(compute).unflatten(-1, (-1, 2)))  # [B, H, T, pairs]
+        rotated = torch.view_as_real(pairs * torch.complex(cos.to(compute), sin.to(compute))).flatten(-2)
+    else:
+        half = half_split // 2
+        x1, x2 = x[..., :rotary].to(compute).unflatten(-1, (-1, 2, half)).unbind(-2)  # [B, H, T, slices, r/2]
+        cos, sin = (t.to(compute).unflatten(-1, (-1, half)) for t in (cos, sin))  # [B, 1, T, slices, r/2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-2).flatten(-3)
     return torch.cat((rotated.to(dtype), x[..., rotary:].to(dtype)), dim=-1)
 
 
@@ -197,6 +214,10 @@ class BilingualGlmAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=False)
+        if config.use_qk_norm:  # glm4_moe (GLM-4.5): an RMSNorm over head_dim shared by all heads, pre-RoPE
+            self.q_norm = BilingualGlmRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = BilingualGlmRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.half_split = None if config.rotary_interleaved else config.rotary_dim
         self.fuse_qkv = False  # ``use_fused_qkv(model)``: q/k/v as one GEMM where it pays (opt-in)
 
     def forward(
@@ -211,9 +232,12 @@ class BilingualGlmAttention(nn.Module):
         projections = (self.q_proj, self.k_proj, self.v_proj)
         qkv = fused_linear(hidden_states, projections) if self.fuse_qkv else None  # None: not applicable
         qkv = qkv or [projection(hidden_states) for projection in projections]
-        query, key, value = (x.view(hidden_shape).transpose(1, 2) for x in qkv)  # [B, H or KV, T, D]
-        query = apply_rotary_pos_emb(query, *position_embeddings)
-        key = apply_rotary_pos_emb(key, *position_embeddings)
+        query, key, value = (x.view(hidden_shape) for x in qkv)  # [B, T, H or KV, D]
+        if self.config.use_qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key, value = (x.transpose(1, 2) for x in (query, key, value))  # [B, H or KV, T, D]
+        query = apply_rotary_pos_emb(query, *position_embeddings, self.half_split)
+        key = apply_rotary_pos_emb(key, *position_embeddings, self.half_split)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
 
@@ -237,14 +261,141 @@ class BilingualGlmAttention(nn.Module):
 class BilingualGlmMLP(nn.Module):
     """SwiGLU with one fused input projection: ``[gate | up]``, gate first (ChatGLM/GLM-4 layout)."""
 
-    def __init__(self, config: BilingualGlmConfig) -> None:
+    def __init__(self, config: BilingualGlmConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
         return self.down_proj(up * F.silu(gate))
+
+
+# ------------------------------------------------------------------------------ mixture of experts
+class BilingualGlmTopkRouter(nn.Module):
+    """``glm4_moe``'s router (DeepSeek-V3 style), in fp32 whatever the weights' dtype.
+
+    Sigmoid scores; ``e_score_correction_bias`` is added only to *choose* experts (GLM-4.5's loss-free
+    balancing), first the ``topk_group`` best groups (a group scores its two best experts), then the top ``k``
+    inside them; the chosen experts' unbiased scores, renormalised if ``norm_topk_prob``, times
+    ``routed_scaling_factor``, weight their outputs.
+
+    Training-time balancing, both off by default:
+    - ``router_bias_update_rate`` (the rule GLM-4.5 trains with, arXiv 2408.15664): after each optimizer step
+      ``update_router_biases`` moves each expert's bias by the rate towards the mean load (down if it got more
+      than average tokens, up if fewer). It needs ``tokens_per_expert``, counted here in training.
+    - ``router_aux_loss_coef``: the sequence-wise balance loss ``Σ_i f_i·P_i`` (DeepSeek-V3), stored in
+      ``aux_loss`` for the causal-LM head to add.
+    """
+
+    def __init__(self, config: BilingualGlmConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.top_k = config.num_experts_per_tok
+        self.num_experts = config.n_routed_experts
+        self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
+        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts), persistent=False)
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[B, T, H]`` → (sigmoid scores ``[N, E]``, weights ``[N, k]``, expert indices ``[N, k]``), N = B·T."""
+        config, groups = self.config, self.config.n_group
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1]).float()
+        scores = F.linear(flat, self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        group_scores = choice.view(-1, groups, self.num_experts // groups).topk(2, dim=-1)[0].sum(dim=-1)
+        group_idx = torch.topk(group_scores, k=config.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+        expert_mask = group_mask.repeat_interleave(self.num_experts // groups, dim=-1)
+        choice = choice.masked_fill(~expert_mask.bool(), float("-inf"))
+        top_k_index = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        top_k_weights = scores.gather(1, top_k_index)
+        if config.norm_topk_prob:
+            top_k_weights /= top_k_weights.sum(dim=-1, keepdim=True) + 1e-20
+        top_k_weights = top_k_weights * config.routed_scaling_factor
+        self.aux_loss = None
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += torch.bincount(top_k_index.flatten(), minlength=self.num_experts)
+            if config.router_aux_loss_coef > 0:
+                self.aux_loss = self._sequence_balance_loss(scores, top_k_index, hidden_states.shape[:-1])
+        return scores, top_k_weights, top_k_index
+
+    def _sequence_balance_loss(
+        self, scores: torch.Tensor, top_k_index: torch.Tensor, batch_shape: torch.Size
+    ) -> torch.Tensor:
+        """DeepSeek-V3's ``Σ_i f_i·P_i`` per sequence, averaged: f_i = E/(k·T)·(tokens sent to i), P_i = mean
+        normalised score of i. 1.0 when balanced; every position counts (padding too)."""
+        batch, length = (batch_shape[0], batch_shape[1]) if len(batch_shape) == 2 else (1, batch_shape[0])
+        chosen = torch.zeros_like(scores).scatter_(1, top_k_index, 1.0).view(batch, length, -1)
+        load = chosen.mean(1) * self.num_experts / self.top_k  # [B, E]
+        probability = (scores / scores.sum(-1, keepdim=True)).view(batch, length, -1).mean(1)  # [B, E]
+        return (load * probability).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_correction_bias(self, rate: float) -> None:
+        """One loss-free balancing step from the load counted since the last one (summed over processes)."""
+        load = self.tokens_per_expert.float()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load)
+        if load.sum() > 0:
+            step = rate * torch.sign(load.mean() - load)
+            self.e_score_correction_bias += step.to(self.e_score_correction_bias)
+        self.tokens_per_expert.zero_()
+
+
+class BilingualGlmExperts(nn.Module):
+    """The routed experts as two 3D weights, transformers 5's fused layout (released checkpoints store them per
+    expert; ``bilingual_glm.conversion`` reads and writes both).
+
+    Computed grouped, never per token: the (token, slot) pairs are sorted by expert, each expert runs one
+    GEMM pair over its contiguous rows (a loop over experts, as native's eager path), and the rows return to
+    their tokens, summed over the k slots. The per-expert row counts are read once (a host sync), so a compiled
+    MoE model breaks its graph here.
+    """
+
+    def __init__(self, config: BilingualGlmConfig) -> None:
+        super().__init__()
+        self.num_experts = config.n_routed_experts
+        size, hidden = config.moe_intermediate_size, config.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * size, hidden))  # [gate | up] rows
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, hidden, size))
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """``[N, H]`` tokens, ``[N, k]`` experts and weights → ``[N, H]``."""
+        tokens, k = top_k_index.shape
+        flat = top_k_index.flatten()
+        order = flat.argsort(stable=True)  # pair p = token p // k, slot p % k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        grouped = hidden_states[order // k].split(counts)
+        outputs = []
+        for expert, rows in enumerate(grouped):
+            if rows.shape[0]:
+                gate, up = F.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+                outputs.append(F.linear(up * F.silu(gate), self.down_proj[expert]))
+        weighted = torch.cat(outputs) * top_k_weights.flatten()[order, None]
+        return weighted[order.argsort()].view(tokens, k, -1).sum(1).to(hidden_states.dtype)
+
+
+class BilingualGlmMoE(nn.Module):
+    """Routed experts plus ``n_shared_experts`` always-on experts (one SwiGLU of their summed width)."""
+
+    def __init__(self, config: BilingualGlmConfig) -> None:
+        super().__init__()
+        self.gate = BilingualGlmTopkRouter(config)
+        self.experts = BilingualGlmExperts(config)
+        shared = config.moe_intermediate_size * config.n_shared_experts
+        self.shared_experts = BilingualGlmMLP(config, shared) if shared else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        _, top_k_weights, top_k_index = self.gate(hidden_states)
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        routed = self.experts(flat, top_k_index, top_k_weights).view_as(hidden_states)
+        return routed if self.shared_experts is None else routed + self.shared_experts(hidden_states)
 
 
 # -------------------------------------------------------------------------------------------- layer
@@ -255,12 +406,13 @@ class BilingualGlmDecoderLayer(GradientCheckpointingLayer):
         x = x + post_mlp_layernorm(mlp(post_attention_layernorm(x)))
 
     Without them those two are ``nn.Identity`` (no weights), so the block and its state dict are GLM-4's.
+    ``mlp`` is a ``BilingualGlmMoE`` in MoE layers (``config.is_moe_layer``), as ``glm4_moe``'s blocks.
     """
 
     def __init__(self, config: BilingualGlmConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = BilingualGlmAttention(config, layer_idx)
-        self.mlp = BilingualGlmMLP(config)
+        self.mlp = BilingualGlmMoE(config) if config.is_moe_layer(layer_idx) else BilingualGlmMLP(config)
         self.input_layernorm = BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = BilingualGlmRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if config.sandwich_norms:
@@ -330,6 +482,9 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
         | RMSNorm weights (input, post_attention, final norm,    | ones                        |
         |   sandwich norms when ``sandwich_norms``)              |                             |
         | rotary ``inv_freq`` (non-persistent buffer)            | from ``rope_parameters``    |
+        | q_norm / k_norm weights (``use_qk_norm``)              | ones                        |
+        | router ``gate.weight`` / routed experts' 3D weights    | normal(0, initializer_range)|
+        | router ``e_score_correction_bias``, load counts        | zeros                       |
         """
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -338,6 +493,13 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, BilingualGlmRMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, BilingualGlmTopkRouter):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            module.e_score_correction_bias.zero_()
+            module.tokens_per_expert.zero_()
+        elif isinstance(module, BilingualGlmExperts):
+            nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            nn.init.normal_(module.down_proj, mean=0.0, std=std)
         elif isinstance(module, BilingualGlmRotaryEmbedding):
             inv_freq, _ = module.rope_init_fn(module.config, module.inv_freq.device)
             module.inv_freq.copy_(inv_freq)
@@ -353,6 +515,22 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
         if requested_attention is None and resolved == "sdpa" and cpu_bf16_attention_is_default():
             return CPU_BF16_ATTENTION
         return resolved
+
+    def update_router_biases(self, rate: float | None = None) -> None:
+        """GLM-4.5's loss-free balancing step for every MoE layer (``BilingualGlmTopkRouter``); call it after each
+        optimizer step. ``rate`` defaults to ``config.router_bias_update_rate``; 0 only resets the counts."""
+        rate = self.config.router_bias_update_rate if rate is None else rate
+        for module in self.modules():
+            if isinstance(module, BilingualGlmTopkRouter):
+                module.update_correction_bias(rate)
+
+    def expert_load(self) -> dict[int, list[float]]:
+        """Tokens routed to each expert since the last bias update (training forwards), per MoE layer."""
+        return {
+            layer_idx: layer.mlp.gate.tokens_per_expert.tolist()
+            for layer_idx, layer in enumerate(self.base_model.layers)
+            if isinstance(layer.mlp, BilingualGlmMoE)
+        }
 
     def resize_token_embeddings(self, *args: Any, **kwargs: Any) -> nn.Embedding:
         """transformers' resize; special ids the new vocabulary lacks then leave the config and the generation
@@ -494,6 +672,8 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
         self.model = BilingualGlmModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.is_moe:
+            self._can_compile_fullgraph = False  # the experts read their row counts on the host
         self.post_init()
 
     def forward(
@@ -519,6 +699,9 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
             (for the loss) and not returned — GLM blank infilling supervises only Part B.
         num_items_in_batch (kwarg from ``Trainer``): the loss is summed and divided by it, so gradient
             accumulation and multi-GPU give the same loss as one big batch.
+
+        MoE models return ``MoeCausalLMOutputWithPast``; in training with ``router_aux_loss_coef > 0`` its
+        ``aux_loss`` (the balance loss summed over MoE layers) is added to ``loss`` times the coefficient.
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
@@ -531,7 +714,15 @@ class BilingualGlmForCausalLM(BilingualGlmPreTrainedModel, GenerationMixin):
         if labels is not None or shift_labels is not None:
             loss = causal_lm_loss(self.lm_head, hidden_states, labels, shift_labels, num_items_in_batch)
         logits = self.lm_head(_keep(hidden_states, logits_to_keep)) if return_logits or loss is None else None
-        return _head_output(CausalLMOutputWithPast, outputs, return_dict, loss=loss, logits=logits)
+        if not self.config.is_moe:
+            return _head_output(CausalLMOutputWithPast, outputs, return_dict, loss=loss, logits=logits)
+        routers = (m for m in self.modules() if isinstance(m, BilingualGlmTopkRouter))
+        aux_losses = [router.aux_loss for router in routers if router.aux_loss is not None]
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else None
+        if loss is not None and aux_loss is not None:
+            loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
+        fields = dict(loss=loss, aux_loss=aux_loss, logits=logits)
+        return _head_output(MoeCausalLMOutputWithPast, outputs, return_dict, **fields)
 
     def create_masks_for_generate(self, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """Keep the 2D padding mask for static caches too: forward builds its own (prefix-aware) mask."""
