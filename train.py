@@ -47,7 +47,7 @@ from bilingual_glm.training.evaluation import evaluate, print_samples
 from bilingual_glm.training.loop import Run, Trainee, train_loop
 from bilingual_glm.training.precision import resolve_mixed_precision
 from bilingual_glm.training.run_config import environment, write_run_config
-from bilingual_glm.training.run_log import RunLog, plot_loss
+from bilingual_glm.training.run_log import ExpertLoad, RunLog, plot_loss
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +157,8 @@ def build_trainee(run: Run, tokenizer: Any, blocks: Any, eval_sets: dict[str, An
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     else:
         model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    return Trainee(model, optimizer, scheduler, loader, eval_sets)
+    expert_load = ExpertLoad() if accelerator.unwrap_model(model).config.is_moe else None
+    return Trainee(model, optimizer, scheduler, loader, eval_sets, expert_load)
 
 
 def new_or_saved_model(args: TrainArguments, tokenizer: Any) -> BilingualGlmForCausalLM:
@@ -208,6 +209,8 @@ def finish(run: Run, trainee: Trainee, tokenizer: Any, log: RunLog, run_config: 
         **clock.summary(),
         **evaluate(trainee.model, trainee.eval_sets, run.args, accelerator),
     }
+    if trainee.expert_load is not None:
+        final_eval["expert_load"] = trainee.expert_load.run_total()
     state_dict = accelerator.get_state_dict(
         trainee.model
     )  # collective: gathers ZeRO-3 / FSDP shards on rank 0

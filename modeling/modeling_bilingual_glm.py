@@ -495,7 +495,7 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
             nn.init.ones_(module.weight)
         elif isinstance(module, BilingualGlmTopkRouter):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-            module.e_score_correction_bias.zero_()
+            nn.init.zeros_(module.e_score_correction_bias)  # via nn.init: transformers skips a loaded one
             module.tokens_per_expert.zero_()
         elif isinstance(module, BilingualGlmExperts):
             nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)

@@ -13,7 +13,7 @@ from bilingual_glm.configuration.configuration_bilingual_glm import BilingualGlm
 from bilingual_glm.data.objectives import parse_objectives
 from bilingual_glm.training.clock import DEFAULT_TRAIN_MINUTES
 
-TRAIN_PRESETS = ("tiny", "mini", "small", "base")
+TRAIN_PRESETS = ("tiny", "mini", "small", "base", "moe-tiny", "moe-mini")
 TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
 
 
@@ -24,8 +24,8 @@ class TrainArguments:
     preset: str = field(
         default="mini",
         metadata={
-            "help": "Model size: tiny, mini, small or base (mini learns most per CPU minute); "
-            "unused with --model_name_or_path."
+            "help": "Model size: tiny, mini, small, base, or the MoE moe-tiny, moe-mini (mini learns most "
+            "per CPU minute); unused with --model_name_or_path."
         },
     )
     model_name_or_path: str | None = field(
@@ -92,7 +92,8 @@ class TrainArguments:
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak learning rate (AdamW)."})
     warmup_steps: int | None = field(
-        default=None, metadata={"help": "Linear warmup steps (default: a twentieth of the run, in steps or in time)."}
+        default=None,
+        metadata={"help": "Linear warmup steps (default: a twentieth of the run, in steps or in time)."},
     )
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not norms/biases)."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
@@ -163,7 +164,7 @@ def check_arguments(args: TrainArguments) -> dict[str, float]:
     if not args.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if args.preset not in TRAIN_PRESETS:
-        raise ValueError(f"--preset must be tiny, mini, small or base, got {args.preset!r}")
+        raise ValueError(f"--preset must be one of {', '.join(TRAIN_PRESETS)}, got {args.preset!r}")
     report_to(args)
     objectives = parse_objectives(args.objective)
     if args.model_name_or_path:

@@ -14,7 +14,7 @@ from bilingual_glm.training.checkpoint import Progress, save_checkpoint
 from bilingual_glm.training.clock import TrainingClock
 from bilingual_glm.training.data import micro_batches
 from bilingual_glm.training.evaluation import evaluate
-from bilingual_glm.training.run_log import LogWindow, RunLog, StepResult
+from bilingual_glm.training.run_log import ExpertLoad, LogWindow, RunLog, StepResult
 from bilingual_glm.training.stop import StopRequest
 
 
@@ -47,6 +47,7 @@ class Trainee:
     scheduler: Any
     loader: Any
     eval_sets: dict[str, Any]
+    expert_load: ExpertLoad | None = None  # MoE models: tokens per expert, for the log
 
 
 def train_loop(run: Run, trainee: Trainee, log: RunLog, progress: Progress) -> bool:
@@ -68,6 +69,8 @@ def train_loop(run: Run, trainee: Trainee, log: RunLog, progress: Progress) -> b
                 bar.set_postfix(
                     step=clock.step, loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}"
                 )
+            if record and trainee.expert_load is not None:
+                record["expert_load"] = trainee.expert_load.take_window()
             if args.eval_steps and progress.step % args.eval_steps == 0 and not clock.done():
                 record = {
                     "step": progress.step,
@@ -110,12 +113,22 @@ def train_step(
             trainee.optimizer.step()  # Accelerate makes it a no-op until the last micro-batch
             if accelerator.sync_gradients:  # count optimizer steps, not micro-batches
                 run.clock.tick()  # before the scheduler: it reads the new step and time
+                balance_experts(accelerator.unwrap_model(model), trainee.expert_load)
             trainee.scheduler.step()
             trainee.optimizer.zero_grad(set_to_none=True)
         step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
         mask = batch.get("attention_mask")
         step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     return StepResult(step_loss, step_tokens, objective)
+
+
+def balance_experts(model: Any, expert_load: ExpertLoad | None) -> None:
+    """After an optimizer step of an MoE model: tally the step's expert load, then take GLM-4.5's loss-free
+    balancing step (``router_bias_update_rate``; 0 only resets the counts)."""
+    if expert_load is None:
+        return
+    expert_load.add(model.expert_load())
+    model.update_router_biases()
 
 
 def gradient_is_finite(run: Run, model: Any, objective: str, step: int) -> bool:

@@ -89,6 +89,41 @@ class LogWindow:
         return record
 
 
+class ExpertLoad:
+    """Share of routed tokens each expert of each MoE layer received (``expert_load`` in ``log.jsonl``): over
+    the logging window in step records, over the whole run (this process's batches) in the final one.
+
+    A router collapsing onto a few experts shows here long before it shows in the loss; the loss-free bias
+    update (``router_bias_update_rate``) should keep every share near ``1 / n_routed_experts``.
+    """
+
+    def __init__(self) -> None:
+        self.window: dict[int, list[float]] = {}
+        self.total: dict[int, list[float]] = {}
+
+    def add(self, loads: dict[int, list[float]]) -> None:
+        """One optimizer step's token counts, ``{layer index: [tokens per expert]}``."""
+        for tally in (self.window, self.total):
+            for layer, counts in loads.items():
+                tally[layer] = [
+                    a + b for a, b in zip(tally.get(layer, [0.0] * len(counts)), counts, strict=True)
+                ]
+
+    def take_window(self) -> dict[str, list[float]]:
+        shares, self.window = self.shares(self.window), {}
+        return shares
+
+    def run_total(self) -> dict[str, list[float]]:
+        return self.shares(self.total)
+
+    @staticmethod
+    def shares(tally: dict[int, list[float]]) -> dict[str, list[float]]:
+        return {
+            str(layer): [round(c / (sum(counts) or 1.0), 4) for c in counts]
+            for layer, counts in tally.items()
+        }
+
+
 def rss_mb() -> float:
     """Current resident memory of this process (the soak test watches it stay flat)."""
     try:
