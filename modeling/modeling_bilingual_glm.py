@@ -296,7 +296,8 @@ class BilingualGlmTopkRouter(nn.Module):
         self.num_experts = config.n_routed_experts
         self.weight = nn.Parameter(torch.zeros(self.num_experts, config.hidden_size, dtype=torch.float32))
         self.register_buffer("e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32))
-        self.register_buffer("tokens_per_expert", torch.zeros(self.num_experts), persistent=False)
+        # A plain tensor, not a buffer: DDP would overwrite every rank's count with rank 0's at each forward.
+        self.tokens_per_expert = torch.zeros(self.num_experts)
         self.aux_loss: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -318,7 +319,8 @@ class BilingualGlmTopkRouter(nn.Module):
         self.aux_loss = None
         if self.training:
             with torch.no_grad():
-                self.tokens_per_expert += torch.bincount(top_k_index.flatten(), minlength=self.num_experts)
+                counts = torch.bincount(top_k_index.flatten(), minlength=self.num_experts).float()
+                self.tokens_per_expert = counts + self.tokens_per_expert.to(counts.device)
             if config.router_aux_loss_coef > 0:
                 self.aux_loss = self._sequence_balance_loss(scores, top_k_index, hidden_states.shape[:-1])
         return scores, top_k_weights, top_k_index
@@ -337,13 +339,13 @@ class BilingualGlmTopkRouter(nn.Module):
     @torch.no_grad()
     def update_correction_bias(self, rate: float) -> None:
         """One loss-free balancing step from the load counted since the last one (summed over processes)."""
-        load = self.tokens_per_expert.float()
+        load = self.tokens_per_expert.to(self.e_score_correction_bias.device, torch.float32)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)
         if load.sum() > 0:
             step = rate * torch.sign(load.mean() - load)
             self.e_score_correction_bias += step.to(self.e_score_correction_bias)
-        self.tokens_per_expert.zero_()
+        self.tokens_per_expert = torch.zeros_like(load)
 
 
 class BilingualGlmExperts(nn.Module):
@@ -484,7 +486,7 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
         | rotary ``inv_freq`` (non-persistent buffer)            | from ``rope_parameters``    |
         | q_norm / k_norm weights (``use_qk_norm``)              | ones                        |
         | router ``gate.weight`` / routed experts' 3D weights    | normal(0, initializer_range)|
-        | router ``e_score_correction_bias``, load counts        | zeros                       |
+        | router ``e_score_correction_bias``                     | zeros                       |
         """
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -496,7 +498,6 @@ class BilingualGlmPreTrainedModel(PreTrainedModel):
         elif isinstance(module, BilingualGlmTopkRouter):
             nn.init.normal_(module.weight, mean=0.0, std=std)
             nn.init.zeros_(module.e_score_correction_bias)  # via nn.init: transformers skips a loaded one
-            module.tokens_per_expert.zero_()
         elif isinstance(module, BilingualGlmExperts):
             nn.init.normal_(module.gate_up_proj, mean=0.0, std=std)
             nn.init.normal_(module.down_proj, mean=0.0, std=std)

@@ -214,6 +214,30 @@ def test_bias_update_lowers_overloaded_experts_and_resets_the_count():
     assert router.tokens_per_expert.sum() == 0  # counted in training only
 
 
+def _balance_on_two_ranks(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        model = moe_model().train()
+        model(tokens(2, 16, seed=rank))  # each rank its own batch, so its own expert load
+        torch.save(routers(model)[0].tokens_per_expert.clone(), f"{out_dir}/load{rank}.pt")
+        model.update_router_biases()
+        torch.save(routers(model)[0].e_score_correction_bias, f"{out_dir}/bias{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: ~20 s of imports
+def test_bias_update_follows_the_load_summed_over_processes(tmp_path):
+    torch.multiprocessing.spawn(_balance_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    loads = [torch.load(tmp_path / f"load{rank}.pt") for rank in (0, 1)]
+    biases = [torch.load(tmp_path / f"bias{rank}.pt") for rank in (0, 1)]
+    assert not torch.equal(*loads)
+    load, start = loads[0] + loads[1], routers(moe_model())[0].e_score_correction_bias
+    expected = start + 1e-3 * torch.sign(load.mean() - load)  # moe-tiny's rate
+    for bias in biases:
+        torch.testing.assert_close(bias, expected, rtol=0, atol=1e-7)
+
+
 def test_sequence_balance_loss_is_one_under_uniform_scores_and_trains_the_router():
     model = moe_model(router_aux_loss_coef=0.01).train()
     ids = tokens(2, 12)
