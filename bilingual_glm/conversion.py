@@ -590,18 +590,28 @@ def _reader(files: contextlib.ExitStack, infos: dict) -> Callable[[str, Index], 
 def _write_groups(
     plan: _MoeFolderPlan, read: Callable, writer: io.ShardWriter, dtype: torch.dtype | None, to_native: bool
 ) -> None:
-    """The streaming loop. ``_simulate_memory`` counts what each line holds: keep the two in step."""
+    """The streaming loop. ``_simulate_memory`` counts what each step holds: keep the two in step."""
     for group in plan.groups:
-        cast = None if group.ours.endswith(_CORRECTION_BIAS) else dtype
+        source = plan.infos[group.ours if to_native else group.pieces[0][0]][2]
+        cast = None if group.ours.endswith(_CORRECTION_BIAS) or dtype in (None, source) else dtype
         if to_native:
             for key, index in group.pieces:
+                _make_room(writer, _nbytes(_piece_shape(group, index), cast or source))
                 piece = read(group.ours, index)  # holds: one piece (+ its cast)
                 writer.add(key, piece if cast is None else piece.to(cast))
                 del piece
         else:
-            tensor = _assemble(group, read, cast)  # holds: our tensor + one piece (+ a whole tensor's cast)
+            _make_room(writer, _nbytes(group.shape, cast or source))
+            tensor = _assemble(group, read, cast)  # holds: our tensor + one piece (a whole tensor: + its cast)
             writer.add(group.ours, tensor)
             del tensor
+
+
+def _make_room(writer: io.ShardWriter, nbytes: int) -> None:
+    """Flush the shard before building a tensor it cannot take. ``ShardWriter.add`` would flush at that same
+    point (the shards come out the same), but only once the tensor is built, holding both at once."""
+    if writer.buffer and writer.buffered + nbytes > writer.max_bytes:
+        writer.flush()
 
 
 def _finish_folder(
@@ -689,8 +699,9 @@ def _weight_infos_located(files: list[Path]) -> dict[str, tuple[Path, tuple[int,
 class MemoryPlan:
     """Tensor bytes a streaming glm4_moe conversion holds at once, counted from shapes alone.
 
-    ``peak_bytes`` = the shard writer's buffer (< ``max_shard_bytes``, or one tensor larger than that) + the
-    tensor being assembled or written + the piece just read (+ its cast copy). Not counted: the source files'
+    ``peak_bytes`` = the shard writer's buffer + the tensor being assembled or written + the piece just read
+    (+ its cast copy). The buffer is flushed before a tensor it cannot take is built, so this stays within
+    ``max(max_shard_bytes, largest_tensor_bytes)`` + one piece (+ casts). Not counted: the source files'
     memory-mapped pages (page cache, dropped under pressure) and Python/torch overhead.
     """
 
@@ -747,14 +758,14 @@ def _simulate_memory(
     layer_bytes: dict[int | None, int] = {}
 
     def step(held: int, written: int, name: str) -> None:
-        """One ``writer.add``: ``held`` is alive next to the buffer, then ``written`` joins the buffer."""
+        """``_make_room``, then ``held`` alive next to the buffer, then ``written`` joins the buffer."""
         nonlocal buffered, peak, peak_tensor, largest
+        if buffered and buffered + written > max_bytes:
+            shards.append(buffered)
+            buffered = 0
         if buffered + held > peak:
             peak, peak_tensor = buffered + held, name
         largest = max(largest, written)
-        if buffered and buffered + written > max_bytes:  # ShardWriter.add: flush before overflowing
-            shards.append(buffered)
-            buffered = 0
         buffered += written
 
     for group in groups:
