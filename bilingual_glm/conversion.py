@@ -7,9 +7,14 @@
   (``n_routed_experts > 0``) with ``rotary_interleaved=False``. Its table, ``GLM4_MOE_KEY_MAP``, is not the
   identity: see the section below.
 
-This package kept the native weight names on purpose, so each key map below is the identity — written out
-anyway, as the single table both directions read and the tests check for full coverage. A conversion
-whose target cannot hold every source weight (sandwich norms into ``glm``, or a ``glm4`` folder read by
+This package kept the native weight names on purpose, so the ``glm``/``glm4`` key maps are the identity —
+written out anyway, as the single table both directions read and the tests check for full coverage.
+``GLM4_MOE_KEY_MAP`` differs in two row kinds, marked by placeholders in its native column: our fused
+``gate_up_proj`` is native's ``gate_proj`` + ``up_proj`` (dense layers, shared experts), and our ``[E, ...]``
+routed-expert tensors are the released files' one tensor per expert. The multi-token-prediction layer of
+GLM-4.5 checkpoints (``model.layers.{num_hidden_layers}``) is skipped with a warning counting its tensors.
+
+A conversion whose target cannot hold every source weight (sandwich norms into ``glm``, or a ``glm4`` folder read by
 ``from-glm``) is refused with a ``ValueError`` naming the weights that would be dropped; one whose source
 lacks weights the target needs is refused naming those.
 
