@@ -467,11 +467,11 @@ def ours_config_from_glm4_moe(config: PretrainedConfig) -> BilingualGlmConfig:
     """Our MoE config (``rotary_interleaved=False``) from a native ``Glm4MoeConfig``; MTP layers are not kept."""
     fields = {name: getattr(config, name) for name in (*_SHARED_CONFIG_FIELDS, *MOE_FIELDS)}
     fields["rope_parameters"] = dict(config.rope_parameters)
-    for name in (*GLM_TOKEN_FIELDS, *_ROUTER_TRAINING_FIELDS):  # extras a round trip carried, else defaults
+    for name in GLM_TOKEN_FIELDS:  # ids a round trip carried; a native config has none (not our tokenizer's)
+        fields[name] = getattr(config, name, None)
+    for name in _ROUTER_TRAINING_FIELDS:  # likewise, else our defaults (off)
         if getattr(config, name, None) is not None:
             fields[name] = getattr(config, name)
-    if "mask_token_id" not in fields:  # a native config has no GLM ids: none, rather than our tokenizer's
-        fields.update(dict.fromkeys(GLM_TOKEN_FIELDS))
     return BilingualGlmConfig(**fields, rotary_interleaved=False, sandwich_norms=False)
 
 
