@@ -1,8 +1,9 @@
 """Speed and memory of BilingualGlm against transformers' native ``GlmForCausalLM``: same config, same weights.
 
-The native model is built from ours by ``bilingual_glm.conversion.to_transformers_glm``, so both hold
-identical weights. Every timed row alternates the two (A B A B ...) after a warm-up and reports the median
-of ``--repeats`` runs: other jobs on the machine then slow both sides alike. Rows:
+The native model is built from ours by ``bilingual_glm.conversion.to_transformers_glm`` (the ``moe_*`` rows:
+``to_native_moe`` below, into ``Glm4MoeForCausalLM``), so both hold identical weights. Every timed row
+alternates the two (A B A B ...) after a warm-up and reports the median of ``--repeats`` runs: other jobs on
+the machine then slow both sides alike. Rows:
 
 | name                    | ours                                      | reference                    | ratio      |
 |-------------------------|-------------------------------------------|------------------------------|------------|
@@ -15,6 +16,8 @@ of ``--repeats`` runs: other jobs on the machine then slow both sides alike. Row
 | `mfu_bf16`              | model FLOP/s of ours' bf16 train step     | measured bf16 matmul peak    | fraction   |
 | `mfu_fp32`              | model FLOP/s of ours' fp32 train step     | measured fp32 matmul peak    | fraction   |
 | `pipeline_tokens_per_s` | tokenize + pack tokens/s, embedded corpus | --                           | = ours     |
+| `moe_train_fp32`        | `train_fp32` at the MoE geometry          | native `Glm4MoeForCausalLM`  | ours/ref   |
+| `moe_generate_b1`       | `generate_b1` at the MoE geometry         | native `Glm4MoeForCausalLM`  | ours/ref   |
 
 Each model trains the way its own stack does: ours with ``return_logits=False`` (as ``train.py``: logits
 only where there is a label), native through its standard ``labels=`` loss. Peak memory is measured in a
@@ -22,6 +25,12 @@ fresh process per model and run (CPU: peak RSS above the process's RSS before th
 from ``VmHWM``; CUDA: ``max_memory_allocated``) so the allocator state of one model never flatters the
 other. The bf16-or-fp32 choice of the memory and Part B rows follows ``--mixed_precision`` (``auto``: bf16
 where the hardware has it, as ``train.py`` does).
+
+The ``moe_*`` rows run the same measurement at a Mixture-of-Experts geometry (``--moe_preset``; by default
+``moe-tiny`` for the tiny preset, ``moe-mini`` otherwise). The JSON's ``compared`` says, per MoE row, which
+experts kernel each side ran: ours loops over experts on rows sorted by expert; native runs transformers'
+``config._experts_implementation`` (``grouped_mm`` by default in 5.25: ``torch.nn.functional.grouped_mm`` on
+CPU).
 
 Rows that need native bf16 (``train_bf16``, ``bf16_vs_fp32``, ``mfu_bf16``) are skipped on a device
 without it (``fast_bf16``: no AVX512-BF16/AMX on a CPU), with the reason in the row and the table: there
@@ -60,11 +69,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from transformers import GlmForCausalLM, HfArgumentParser  # noqa: E402
+from transformers import Glm4MoeConfig, Glm4MoeForCausalLM, GlmForCausalLM, HfArgumentParser  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM  # noqa: E402
-from bilingual_glm.configuration.configuration_bilingual_glm import GLM_SPECIAL_TOKENS  # noqa: E402
+from bilingual_glm.configuration.configuration_bilingual_glm import (  # noqa: E402
+    GLM_SPECIAL_TOKENS,
+    MOE_FIELDS,
+    PRESETS,
+)
 from bilingual_glm.conversion import glm_config_from_ours, to_transformers_glm  # noqa: E402
 from bilingual_glm.modeling.kernels_bilingual_glm import (  # noqa: E402
     BF16_ENV,
@@ -86,7 +99,13 @@ ROW_NAMES = (
     "mfu_bf16",
     "mfu_fp32",
     "pipeline_tokens_per_s",
+    "moe_train_fp32",
+    "moe_generate_b1",
 )
+# Rows of the MoE model: the dense row of the same name after the prefix, measured at --moe_preset.
+MOE_PREFIX = "moe_"
+MOE_ROWS = {name for name in ROW_NAMES if name.startswith(MOE_PREFIX)}
+EXPERTS_IMPLEMENTATIONS = ("auto", "eager", "grouped_mm", "batched_mm")
 NEEDS_NATIVE_BF16 = ("train_bf16", "bf16_vs_fp32", "mfu_bf16")
 TRAIN_ROWS = {"train_fp32", "train_bf16", "bf16_vs_fp32", "mfu_bf16", "mfu_fp32"}
 UNITS = {"train_bf16": "tokens/s", "bf16_vs_fp32": "tokens/s", "mfu_bf16": "FLOP/s"}
@@ -123,6 +142,20 @@ class BenchArgs:
     )
     pipeline_documents: int | None = field(
         default=None, metadata={"help": "Documents of the embedded corpus to tokenize (default: all)."}
+    )
+    moe_preset: str = field(
+        default="auto",
+        metadata={
+            "help": "Model size of the moe_* rows (a preset with routed experts); auto: moe-tiny when --preset "
+            "is tiny, else moe-mini."
+        },
+    )
+    moe_experts_implementation: str = field(
+        default="auto",
+        metadata={
+            "help": "Native's experts kernel in the moe_* rows: auto (transformers' own default, grouped_mm in "
+            "5.25), eager (its loop over experts), grouped_mm or batched_mm. Ours has one path."
+        },
     )
     attn_implementation: str = field(
         default="auto",
@@ -247,10 +280,100 @@ def build_ours(args: BenchArgs, device: torch.device) -> BilingualGlmForCausalLM
     return model
 
 
-def build_native(ours: BilingualGlmForCausalLM, args: BenchArgs) -> GlmForCausalLM:
-    native = to_transformers_glm(ours).to(ours.device)
+def build_native(ours: BilingualGlmForCausalLM, args: BenchArgs) -> GlmForCausalLM | Glm4MoeForCausalLM:
+    """Native with ours' weights: ``GlmForCausalLM``, or ``Glm4MoeForCausalLM`` for a MoE config."""
+    native = (to_native_moe if ours.config.is_moe else to_transformers_glm)(ours).to(ours.device)
     native.config._attn_implementation = native_attention(args)
+    if ours.config.is_moe and args.moe_experts_implementation != "auto":
+        native.set_experts_implementation(args.moe_experts_implementation)
     return native
+
+
+def to_native_moe(ours: BilingualGlmForCausalLM) -> Glm4MoeForCausalLM:
+    """Native ``Glm4MoeForCausalLM`` with ours' weights (fp32 logits agree to ~1e-6).
+
+    A stand-in for the converter ``to_transformers_glm4_moe`` (being written on another branch): swap that in
+    when it lands. One rename, the rest keeps its name (experts' 3D weights, router weight and bias, q/k norms)::
+
+        ours                                   native
+        ...mlp.gate_up_proj.weight             ...mlp.gate_proj.weight   (rows [:n])
+          (dense layers, shared experts)       ...mlp.up_proj.weight     (rows [n:])
+    """
+    config = glm_config_from_ours(ours.config, Glm4MoeConfig)
+    for name in MOE_FIELDS:
+        setattr(config, name, getattr(ours.config, name))
+    native = Glm4MoeForCausalLM(config)
+    state = {}
+    for key, tensor in ours.state_dict().items():
+        if "rotary_emb" in key:
+            continue
+        if key.endswith(".gate_up_proj.weight"):
+            gate, up = tensor.chunk(2, dim=0)
+            state[key.replace("gate_up_proj", "gate_proj")] = gate
+            state[key.replace("gate_up_proj", "up_proj")] = up
+        else:
+            state[key] = tensor
+    expected = native.state_dict()
+    # Native always builds shared experts; with n_shared_experts=0 theirs are empty and ours absent.
+    missing = sorted(key for key, tensor in expected.items() if key not in state and tensor.numel())
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"to_native_moe: native lacks {unexpected[:4]}, ours lacks {missing[:4]}")
+    native.load_state_dict(state, strict=False)
+    return native.to(ours.dtype).eval()
+
+
+# What each of transformers' experts implementations runs (integrations/moe.py, 5.25).
+NATIVE_EXPERTS_KERNELS = {
+    "eager": "Glm4MoeExperts.forward: a loop over the experts hit, index_add_ back",
+    "batched_mm": "torch.bmm over each (token, slot) pair's gathered expert weights",
+    "grouped_mm": "torch.nn.functional.grouped_mm",  # where torch has the kernel: native_grouped_mm_kernel
+}
+
+
+def native_grouped_mm_kernel(native: Glm4MoeForCausalLM) -> str:
+    """``grouped_mm`` runs torch's kernel where it exists for this device and dtype, else transformers' loop
+    of one ``torch.mm`` per expert; its private ``_can_use_grouped_mm`` decides, asked here with the real
+    weights (eager mode: compiled fp32 always takes the loop)."""
+    from transformers.integrations import moe as hf_moe
+
+    can_use = getattr(hf_moe, "_can_use_grouped_mm", None)
+    if can_use is None:
+        return "unknown (transformers no longer has _can_use_grouped_mm)"
+    layer = native.model.layers[native.config.first_k_dense_replace]
+    weight = layer.mlp.experts.gate_up_proj.transpose(-2, -1)  # [E, in, out], as _grouped_linear passes it
+    experts, width = weight.shape[0], weight.shape[1]
+    offsets = torch.arange(1, experts + 1, dtype=torch.int32, device=weight.device)  # one row per expert
+    if can_use(weight.new_zeros(experts, width), weight, offsets):
+        return NATIVE_EXPERTS_KERNELS["grouped_mm"]
+    return "transformers' grouped_mm_fallback: one torch.mm per expert"
+
+
+def experts_compared(native: Glm4MoeForCausalLM, args: BenchArgs) -> dict[str, str]:
+    """What a MoE row compares: the geometry, ours' experts path, and the kernel native's experts ran.
+
+    transformers picks native's path when the model is built (``config._experts_implementation``:
+    ``grouped_mm`` by default in 5.25, unless ``--moe_experts_implementation`` names another).
+    """
+    config = native.config
+    implementation = config._experts_implementation
+    if implementation == "grouped_mm":
+        kernel = native_grouped_mm_kernel(native)
+    else:
+        kernel = NATIVE_EXPERTS_KERNELS.get(implementation, implementation)
+    moe_layers = config.num_hidden_layers - config.first_k_dense_replace
+    geometry = (
+        f"{config.n_routed_experts} routed experts (top-{config.num_experts_per_tok}) + {config.n_shared_experts} "
+        f"shared of width {config.moe_intermediate_size}, {moe_layers} of {config.num_hidden_layers} layers MoE"
+    )
+    return {
+        "preset": args.preset,
+        "geometry": geometry,
+        "ours": "BilingualGlmExperts: (token, slot) pairs sorted by expert, one F.linear pair per expert",
+        "reference": f"Glm4MoeForCausalLM, experts_implementation={implementation}: {kernel}",
+        "native_experts_implementation": implementation,
+        "native_experts_kernel": kernel,
+    }
 
 
 def random_ids(
@@ -383,7 +506,8 @@ def bench_generate(args: BenchArgs, device: torch.device, wanted: set[str]) -> l
         ours_tokens, native_tokens = greedy(ours, ids, args.gen_new), greedy(native, ids, args.gen_new)
         if not torch.equal(ours_tokens, native_tokens):  # fp32 kernels round differently: near-ties flip
             first = int((ours_tokens != native_tokens).any(0).nonzero()[0]) - args.gen_prompt
-            print(f"note: generate_b{batch}: tokens differ from new token {first} on", file=sys.stderr)
+            note = f"note: generate_b{batch} ({args.preset}): tokens differ from new token {first} on"
+            print(note, file=sys.stderr)
         runs = {
             side: partial(greedy, model, ids, args.gen_new)
             for side, model in (("ours", ours), ("reference", native))
@@ -401,6 +525,19 @@ def bench_generate(args: BenchArgs, device: torch.device, wanted: set[str]) -> l
             )
         )
     return rows
+
+
+def bench_moe(args: BenchArgs, device: torch.device, wanted: set[str]) -> list[dict]:
+    """The moe_* rows: the dense rows of the same name (``bench_train``, ``bench_generate``) at the MoE preset.
+
+    Each row carries ``_compared`` (what ran on each side, ``experts_compared``), which main moves into the
+    JSON's ``compared`` as it moves ``_cpu_ratio`` into ``cpu_time_ratios``.
+    """
+    dense = {name.removeprefix(MOE_PREFIX) for name in wanted & MOE_ROWS}
+    moe_args = dataclasses.replace(args, preset=args.moe_preset)
+    rows = bench_train(moe_args, device, dense & TRAIN_ROWS) + bench_generate(moe_args, device, dense)
+    compared = experts_compared(build_native(build_ours(moe_args, device), moe_args), moe_args)
+    return [{**r, "name": MOE_PREFIX + r["name"], "_compared": compared} for r in rows]
 
 
 # glibc serves allocations of at least this size with their own mmap and unmaps them on free, so RSS follows the
@@ -544,7 +681,9 @@ def bench_pipeline(args: BenchArgs) -> list[dict]:
     return [row("pipeline_tokens_per_s", value, None, "tokens/s", ratio=value)]
 
 
-def profile_train_step(args: BenchArgs, device: torch.device) -> dict[str, dict[str, list[dict]]]:
+def profile_train_step(
+    args: BenchArgs, device: torch.device, precisions: tuple[str, ...] = ("bf16", "fp32")
+) -> dict[str, dict[str, list[dict]]]:
     """torch.profiler over one train step per precision and side (after a warm-up step): top ops by
     self time, as ``{"bf16": {"ours": [...], "reference": [...]}, "fp32": {...}}``."""
     from torch.profiler import ProfilerActivity, profile
@@ -554,7 +693,7 @@ def profile_train_step(args: BenchArgs, device: torch.device) -> dict[str, dict[
     ids = random_ids(args, ours.config.vocab_size, args.batch_size, args.seq_len, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     tops: dict[str, dict[str, list[dict]]] = {}
-    for precision in ("bf16", "fp32"):
+    for precision in precisions:
         tops[precision] = {}
         for side, model in (("ours", ours), ("reference", native)):
             step = train_step(model, {"input_ids": ids, "labels": ids}, device, bf16=precision == "bf16")
@@ -576,7 +715,9 @@ def profile_train_step(args: BenchArgs, device: torch.device) -> dict[str, dict[
                 for e in reversed(events[-args.profile :])
             ]
             tops[precision][side] = top
-            print(f"profile, {side}, {precision} train step ({total / 1e3:.1f} ms of self time):")
+            print(
+                f"profile, {side}, {args.preset} {precision} train step ({total / 1e3:.1f} ms of self time):"
+            )
             for op in top:
                 print(f"  {op['self_ms']:9.1f} ms  {op['share']:6.1%}  {op['calls']:5d}x  {op['op']}")
     return tops
@@ -593,6 +734,18 @@ def resolve(args: BenchArgs, explicit: set[str]) -> BenchArgs:
     unknown = set(args.rows.split(",")) - set(ROW_NAMES) - {"all"}
     if unknown:
         raise ValueError(f"--rows: unknown row(s) {sorted(unknown)}; choose from {ROW_NAMES}")
+    if args.moe_preset == "auto":  # the MoE twin of the run's size, as the dense rows follow --preset
+        args = dataclasses.replace(args, moe_preset="moe-tiny" if args.preset == "tiny" else "moe-mini")
+    if not PRESETS.get(args.moe_preset, {}).get("n_routed_experts"):
+        moe_presets = [name for name, preset in PRESETS.items() if preset.get("n_routed_experts")]
+        raise ValueError(
+            f"--moe_preset must be a preset with routed experts {moe_presets}, got {args.moe_preset!r}"
+        )
+    if args.moe_experts_implementation not in EXPERTS_IMPLEMENTATIONS:
+        raise ValueError(
+            f"--moe_experts_implementation must be one of {EXPERTS_IMPLEMENTATIONS}, "
+            f"got {args.moe_experts_implementation!r}"
+        )
     return args
 
 
@@ -627,6 +780,7 @@ def main(args: BenchArgs) -> dict[str, Any]:
         ({"train_peak_memory"}, lambda: bench_memory(args, device, bf16)),
         ({"glm_partB_logits"}, lambda: bench_partb(args, device, bf16)),
         ({"pipeline_tokens_per_s"}, lambda: bench_pipeline(args)),
+        (MOE_ROWS, lambda: bench_moe(args, device, wanted)),
     ]
     rows: list[dict] = []
     for names, bench in groups:
@@ -636,19 +790,28 @@ def main(args: BenchArgs) -> dict[str, Any]:
             print(f"{sorted(wanted & names)}: {time.perf_counter() - group_start:.1f} s", flush=True)
     rows.sort(key=lambda r: ROW_NAMES.index(r["name"]))
     cpu_time_ratios = {r["name"]: r.pop("_cpu_ratio") for r in rows if "_cpu_ratio" in r}
+    compared = {r["name"]: r.pop("_compared") for r in rows if "_compared" in r}
     machine["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     settings["seconds"] = round(time.perf_counter() - started, 1)
     print(markdown(rows))
     print(f"{settings['seconds']} s; load average {machine['loadavg_start']} -> {machine['loadavg_end']}")
     print("ratios from CPU seconds: " + json.dumps({k: round(v, 3) for k, v in cpu_time_ratios.items()}))
+    for name, sides in compared.items():
+        print(f"{name}: ours {sides['ours']}; reference {sides['reference']} ({sides['geometry']})")
     payload: dict[str, Any] = {
         "machine": machine,
         "settings": settings,
         "rows": rows,
         "cpu_time_ratios": cpu_time_ratios,
+        "compared": compared,
     }
-    if args.profile:
-        payload["profile"] = profile_train_step(args, device)
+    if args.profile:  # the dense steps unless only MoE rows were asked for; the MoE fp32 step with MoE rows
+        profile = profile_train_step(args, device) if wanted - MOE_ROWS else {}
+        if wanted & MOE_ROWS:
+            moe_args = dataclasses.replace(args, preset=args.moe_preset)
+            moe = profile_train_step(moe_args, device, precisions=("fp32",))
+            profile.update({MOE_PREFIX + precision: tops for precision, tops in moe.items()})
+        payload["profile"] = profile
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(payload, indent=2) + "\n")
     return payload

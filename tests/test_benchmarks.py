@@ -24,7 +24,10 @@ ROWS = [
     "mfu_bf16",
     "mfu_fp32",
     "pipeline_tokens_per_s",
+    "moe_train_fp32",
+    "moe_generate_b1",
 ]
+MOE_ROWS = {"moe_train_fp32", "moe_generate_b1"}
 
 
 NEEDS_NATIVE_BF16 = {"train_bf16", "bf16_vs_fp32", "mfu_bf16"}
@@ -88,8 +91,29 @@ def test_tiny_run_writes_every_row_with_the_documented_schema(tmp_path, native_b
     # on a Zen 3, 1.88). Its arithmetic is the model's FLOPs over the step time, against a peak in FLOP/s.
     assert by_name["mfu_fp32"]["unit"] == "FLOP/s"
     timed = {"train_fp32", "train_bf16", "bf16_vs_fp32", "generate_b1", "generate_b8", "glm_partB_logits"}
+    timed |= MOE_ROWS
     assert set(payload["cpu_time_ratios"]) == timed - skipped  # the noise check next to the wall-clock ratios
-    assert "| `train_fp32` |" in result.stdout  # the markdown table for the README
+    cpu_ratios = payload["cpu_time_ratios"]
+    assert all(math.isfinite(ratio) and ratio > 0 for ratio in cpu_ratios.values()), cpu_ratios
+    # What each MoE row compared: the tiny run's MoE twin, and the experts kernel native ran (named, not assumed).
+    assert payload["settings"]["moe_preset"] == "moe-tiny"
+    assert set(payload["compared"]) == MOE_ROWS
+    for compared in payload["compared"].values():
+        assert compared["preset"] == "moe-tiny"
+        assert compared["native_experts_implementation"] in {"eager", "grouped_mm", "batched_mm"}, compared
+        for key in ("ours", "reference", "geometry", "native_experts_kernel"):
+            assert isinstance(compared[key], str) and compared[key], compared
+    for name in ("train_fp32", "moe_train_fp32"):  # the markdown table for the README
+        assert f"| `{name}` |" in result.stdout
+
+
+def test_moe_preset_without_experts_is_a_clear_error():
+    """--moe_preset names a size for the MoE rows: a dense preset is refused before anything is built."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", "moe_train_fp32"]
+    command += ["--moe_preset", "tiny"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--moe_preset" in result.stderr and "moe-mini" in result.stderr
 
 
 def test_unknown_row_is_a_clear_error():
