@@ -1,7 +1,7 @@
 """Speed and memory of BilingualGlm against transformers' native ``GlmForCausalLM``: same config, same weights.
 
 The native model is built from ours by ``bilingual_glm.conversion.to_transformers_glm`` (the ``moe_*`` rows:
-``to_native_moe`` below, into ``Glm4MoeForCausalLM``), so both hold identical weights. Every timed row
+``to_transformers_glm4_moe``, into ``Glm4MoeForCausalLM``), so both hold identical weights. Every timed row
 alternates the two (A B A B ...) after a warm-up and reports the median of ``--repeats`` runs: other jobs on
 the machine then slow both sides alike. Rows:
 
@@ -69,16 +69,19 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
-from transformers import Glm4MoeConfig, Glm4MoeForCausalLM, GlmForCausalLM, HfArgumentParser  # noqa: E402
+from transformers import Glm4MoeForCausalLM, GlmForCausalLM, HfArgumentParser  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from bilingual_glm import BilingualGlmConfig, BilingualGlmForCausalLM  # noqa: E402
 from bilingual_glm.configuration.configuration_bilingual_glm import (  # noqa: E402
     GLM_SPECIAL_TOKENS,
-    MOE_FIELDS,
     PRESETS,
 )
-from bilingual_glm.conversion import glm_config_from_ours, to_transformers_glm  # noqa: E402
+from bilingual_glm.conversion import (  # noqa: E402
+    glm_config_from_ours,
+    to_transformers_glm,
+    to_transformers_glm4_moe,
+)
 from bilingual_glm.modeling.kernels_bilingual_glm import (  # noqa: E402
     BF16_ENV,
     cpu_info,
@@ -282,45 +285,11 @@ def build_ours(args: BenchArgs, device: torch.device) -> BilingualGlmForCausalLM
 
 def build_native(ours: BilingualGlmForCausalLM, args: BenchArgs) -> GlmForCausalLM | Glm4MoeForCausalLM:
     """Native with ours' weights: ``GlmForCausalLM``, or ``Glm4MoeForCausalLM`` for a MoE config."""
-    native = (to_native_moe if ours.config.is_moe else to_transformers_glm)(ours).to(ours.device)
+    native = (to_transformers_glm4_moe if ours.config.is_moe else to_transformers_glm)(ours).to(ours.device)
     native.config._attn_implementation = native_attention(args)
     if ours.config.is_moe and args.moe_experts_implementation != "auto":
         native.set_experts_implementation(args.moe_experts_implementation)
     return native
-
-
-def to_native_moe(ours: BilingualGlmForCausalLM) -> Glm4MoeForCausalLM:
-    """Native ``Glm4MoeForCausalLM`` with ours' weights (fp32 logits agree to ~1e-6).
-
-    A stand-in for the converter ``to_transformers_glm4_moe`` (being written on another branch): swap that in
-    when it lands. One rename, the rest keeps its name (experts' 3D weights, router weight and bias, q/k norms)::
-
-        ours                                   native
-        ...mlp.gate_up_proj.weight             ...mlp.gate_proj.weight   (rows [:n])
-          (dense layers, shared experts)       ...mlp.up_proj.weight     (rows [n:])
-    """
-    config = glm_config_from_ours(ours.config, Glm4MoeConfig)
-    for name in MOE_FIELDS:
-        setattr(config, name, getattr(ours.config, name))
-    native = Glm4MoeForCausalLM(config)
-    state = {}
-    for key, tensor in ours.state_dict().items():
-        if "rotary_emb" in key:
-            continue
-        if key.endswith(".gate_up_proj.weight"):
-            gate, up = tensor.chunk(2, dim=0)
-            state[key.replace("gate_up_proj", "gate_proj")] = gate
-            state[key.replace("gate_up_proj", "up_proj")] = up
-        else:
-            state[key] = tensor
-    expected = native.state_dict()
-    # Native always builds shared experts; with n_shared_experts=0 theirs are empty and ours absent.
-    missing = sorted(key for key, tensor in expected.items() if key not in state and tensor.numel())
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"to_native_moe: native lacks {unexpected[:4]}, ours lacks {missing[:4]}")
-    native.load_state_dict(state, strict=False)
-    return native.to(ours.dtype).eval()
 
 
 # What each of transformers' experts implementations runs (integrations/moe.py, 5.25).

@@ -159,16 +159,9 @@ def test_glm4_moe_key_map_covers_every_weight_both_ways():
 
 # ---------------------------------------------------------------------------------------- folders
 def load_ours(folder) -> BilingualGlmForCausalLM:
-    """Our model from a converted folder, fp32, its tensors loaded with ``load_state_dict``.
-
-    Not ``from_pretrained``: that zeroes the routers' ``e_score_correction_bias`` after loading (our
-    ``_init_weights`` calls ``.zero_()`` on it, which transformers 5's loaded-weight guard does not cover;
-    ``test_from_pretrained_keeps_the_router_correction_biases`` below)."""
-    model = BilingualGlmForCausalLM(BilingualGlmConfig.from_pretrained(folder))
-    state = {key: tensor.float() for key, tensor in _tensors(folder).items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
-    return model.eval()
+    """Our model from a converted folder, in fp32, as users load it (the routers' correction biases included:
+    ``test_from_pretrained_keeps_the_router_correction_biases``)."""
+    return BilingualGlmForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def write_released_folder(native: Glm4MoeForCausalLM, folder, shards: int = 2) -> dict[str, torch.Tensor]:
@@ -258,11 +251,6 @@ def test_folders_saved_by_transformers_convert_in_either_expert_layout(tmp_path,
     assert_same_model(ours, Glm4MoeForCausalLM.from_pretrained(tmp_path / "back").eval(), _inputs(native.config))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modeling bug, not the converter's: BilingualGlmPreTrainedModel._init_weights zeroes "
-    "e_score_correction_bias with Tensor.zero_() after from_pretrained has loaded it",
-)
 def test_from_pretrained_keeps_the_router_correction_biases(tmp_path):
     native = to_transformers_glm4_moe(moe_model(seed=1))
     native.save_pretrained(tmp_path / "native")
