@@ -33,7 +33,8 @@ def test_two_seeds_both_sides_report_curves_minutes_to_quality_and_a_plot(tmp_pa
             assert {"bits_per_char", "steps", "parameters", "precision", "wall_seconds", "curve"} <= set(run)
             assert run["precision"] in ("fp32", "bf16", "no")
             curve = run["curve"]
-            assert len(curve) >= 2 and curve[-1]["step"] == run["steps"]  # the points, then the final model
+            # the points passed (how many depends on this machine's speed), then the final model
+            assert curve[-1]["step"] == run["steps"] and len({p["step"] for p in curve}) == len(curve)
             assert [p["minute"] for p in curve] == sorted(p["minute"] for p in curve)
             assert all({"step", "minute", "zh", "en"} <= set(point) for point in curve)
             assert {k: curve[-1][k] for k in ("zh", "en")} == run["bits_per_char"]
