@@ -45,6 +45,7 @@ from bilingual_glm.training.cli import run_cli
 from bilingual_glm.training.clock import TrainingClock
 from bilingual_glm.training.evaluation import evaluate, print_samples
 from bilingual_glm.training.loop import Run, Trainee, train_loop
+from bilingual_glm.training.optimizers import build_optimizers, check_engine, parameter_counts
 from bilingual_glm.training.precision import resolve_mixed_precision
 from bilingual_glm.training.run_config import environment, write_run_config
 from bilingual_glm.training.run_log import ExpertLoad, RunLog, plot_loss
@@ -105,6 +106,7 @@ def start_run(args: TrainArguments) -> Run:
     clock = TrainingClock(args.max_steps, args.max_train_minutes, args.warmup_steps, accelerator)
     distributed.configure(accelerator, args.max_grad_norm, args.per_device_train_batch_size)
     distributed.check(accelerator, distributed.requested())  # never a silent fallback: exit 2 at start
+    check_engine(args.optimizer, accelerator.distributed_type.value)
     set_seed(args.seed)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -135,8 +137,8 @@ def prepare_data(run: Run) -> tuple[Any, Any, dict[str, Any]]:
 
 
 def build_trainee(run: Run, tokenizer: Any, blocks: Any, eval_sets: dict[str, Any]) -> Trainee:
-    """The model, AdamW (no decay on norms, biases and embeddings), the clock-driven lr schedule and the
-    loader, all prepared by Accelerate (the loader too unless streamed)."""
+    """The model, its optimizers (AdamW, or Muon for the hidden matrices + AdamW: ``optimizers.py``), one
+    clock-driven lr schedule each and the loader, all prepared by Accelerate (the loader too unless streamed)."""
     args, accelerator = run.args, run.accelerator
     collate = training_data.objective_collator(args, tokenizer, run.objectives, accelerator.process_index)
     loader = training_data.train_loader(blocks, collate, args)
@@ -144,21 +146,17 @@ def build_trainee(run: Run, tokenizer: Any, blocks: Any, eval_sets: dict[str, An
     if accelerator.device.type == "cpu":
         use_onednn_linears(model)  # opt-in fast path; each call still follows the measured per-CPU rule
     use_fused_qkv(model)  # opt-in: q/k/v as one GEMM where that applies (not decoding, LoRA or ZeRO-3)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed_tokens" in n]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.learning_rate,
-        betas=(0.9, 0.95),
-        fused=accelerator.device.type in ("cpu", "cuda"),  # one kernel per step: ~4x the foreach path on CPU
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, run.clock.lr_factor)
+    fused = accelerator.device.type in ("cpu", "cuda")
+    optimizers, schedulers = build_optimizers(model, args, run.clock.lr_factor, fused)
+    count = len(optimizers)
     if args.streaming:
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
     else:
-        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+        model, *prepared = accelerator.prepare(model, *optimizers, loader, *schedulers)
+        loader = prepared.pop(count)
+    optimizers, schedulers = prepared[:count], prepared[count:]
     expert_load = ExpertLoad() if accelerator.unwrap_model(model).config.is_moe else None
-    return Trainee(model, optimizer, scheduler, loader, eval_sets, expert_load)
+    return Trainee(model, optimizers, schedulers, loader, eval_sets, expert_load)
 
 
 def new_or_saved_model(args: TrainArguments, tokenizer: Any) -> BilingualGlmForCausalLM:
@@ -196,6 +194,10 @@ def resolved_config(run: Run, model: Any) -> dict[str, Any]:
         "device": str(accelerator.device),
         "resumed_from": str(run.resume_path) if run.resume_path else None,
         "parameters": distributed.parameter_count(unwrapped),
+        # muon only: under ZeRO-3/FSDP (adamw) a rank's parameters are shards
+        "parameters_per_optimizer": parameter_counts(unwrapped, run.args.optimizer)
+        if run.args.optimizer == "muon"
+        else None,
         "model_config": unwrapped.config.to_dict(),
         **environment(),
     }

@@ -12,6 +12,7 @@ import bilingual_glm
 from bilingual_glm.configuration.configuration_bilingual_glm import BilingualGlmConfig
 from bilingual_glm.data.objectives import parse_objectives
 from bilingual_glm.training.clock import DEFAULT_TRAIN_MINUTES
+from bilingual_glm.training.optimizers import MUON_ADJUST_LR, OPTIMIZERS
 
 TRAIN_PRESETS = ("tiny", "mini", "small", "base", "moe-tiny", "moe-mini")
 TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab")
@@ -96,6 +97,40 @@ class TrainArguments:
         metadata={"help": "Linear warmup steps (default: a twentieth of the run, in steps or in time)."},
     )
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not norms/biases)."})
+    optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "adamw: AdamW for every parameter. muon: torch.optim.Muon for the decoder layers' 2-D "
+            "weight matrices (attention q/k/v/o, MLP, shared experts), AdamW (--learning_rate) for the "
+            "embedding, head, norms, biases, MoE router and routed experts (docs/training.md)."
+        },
+    )
+    muon_learning_rate: float = field(
+        default=0.02,
+        metadata={
+            "help": "Muon's peak lr (same schedule as AdamW's). 0.02: torch.optim.Muon's documented example "
+            "and Keller Jordan's Muon README (modded-nanogpt's speedrun used 0.025-0.05 for its model)."
+        },
+    )
+    muon_momentum: float = field(
+        default=0.95,
+        metadata={"help": "Muon's Nesterov momentum (torch's default, modded-nanogpt's value)."},
+    )
+    muon_weight_decay: float = field(
+        default=0.01,
+        metadata={
+            "help": "Muon's decoupled decay, applied as lr x decay per step: 0.01 as in Keller Jordan's Muon "
+            "README (torch's own default, 0.1, would decay 10x faster at lr 0.02)."
+        },
+    )
+    muon_adjust_lr_fn: str = field(
+        default="original",
+        metadata={
+            "help": "How Muon scales its lr per matrix shape (torch.optim.Muon's adjust_lr_fn): original "
+            "(Keller Jordan's sqrt(max(1, rows/cols))) or match_rms_adamw (Moonshot's 0.2 sqrt(max(rows, "
+            "cols)): AdamW-sized updates, so an AdamW lr fits)."
+        },
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
     mixed_precision: str = field(
         default="auto", metadata={"help": "no, bf16, fp16 or auto (bf16 where the hardware has it)."}
@@ -111,6 +146,13 @@ class TrainArguments:
     eval_steps: int = field(default=0, metadata={"help": "Evaluate every N steps (0: only at the end)."})
     eval_blocks: int = field(default=64, metadata={"help": "Held-out blocks per language for perplexity."})
     save_steps: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: never)."})
+    save_minutes: float = field(
+        default=0.0,
+        metadata={
+            "help": "Also checkpoint at the first step past every N training minutes (0: never); the "
+            "minutes spent saving are not counted as training (benchmarks/vs_native.py scores these)."
+        },
+    )
     save_total_limit: int | None = field(
         default=None, metadata={"help": "Keep only the newest N checkpoints (default: keep all)."}
     )
@@ -163,6 +205,9 @@ def check_arguments(args: TrainArguments) -> dict[str, float]:
         raise ValueError(f"--validation_fraction must be in (0, 1), got {args.validation_fraction}")
     if not args.learning_rate > 0:
         raise ValueError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    check_optimizer(args)
+    if not args.save_minutes >= 0:
+        raise ValueError(f"--save_minutes must be >= 0, got {args.save_minutes}")
     if args.preset not in TRAIN_PRESETS:
         raise ValueError(f"--preset must be one of {', '.join(TRAIN_PRESETS)}, got {args.preset!r}")
     report_to(args)
@@ -172,6 +217,22 @@ def check_arguments(args: TrainArguments) -> dict[str, float]:
     check_local_paths(args)
     check_block_size(args)
     return objectives
+
+
+def check_optimizer(args: TrainArguments) -> None:
+    """--optimizer and the Muon flags (checked even for adamw: a typo there is still a typo)."""
+    if args.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {args.optimizer!r}")
+    if args.muon_adjust_lr_fn not in MUON_ADJUST_LR:
+        raise ValueError(
+            f"--muon_adjust_lr_fn must be one of {', '.join(MUON_ADJUST_LR)}, got {args.muon_adjust_lr_fn!r}"
+        )
+    if not args.muon_learning_rate > 0:
+        raise ValueError(f"--muon_learning_rate must be > 0, got {args.muon_learning_rate}")
+    if not 0 <= args.muon_momentum < 1:
+        raise ValueError(f"--muon_momentum must be in [0, 1), got {args.muon_momentum}")
+    if not args.muon_weight_decay >= 0:
+        raise ValueError(f"--muon_weight_decay must be >= 0, got {args.muon_weight_decay}")
 
 
 def report_to(args: TrainArguments) -> list[str]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -55,6 +57,16 @@ class TrainingClock:
         if self.accelerator.num_processes > 1:
             elapsed = self.accelerator.gather(elapsed).max()
         self.step, self.seconds, self._since = self.step + 1, float(elapsed), now
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside (a checkpoint, a held-out evaluation) is not training: it neither uses up the
+        budget nor moves the lr, so scoring a run along the way does not change what it learns per minute."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._since += time.perf_counter() - start
 
     def progress(self) -> float:
         """Share of the budget used, 0..1: steps or seconds, whichever is further along."""

@@ -40,11 +40,12 @@ class Run:
 
 @dataclass
 class Trainee:
-    """The prepared model, optimizer, lr schedule and training loader, and the held-out blocks."""
+    """The prepared model, optimizers (AdamW first; Muon second with ``--optimizer muon``), their lr
+    schedules (one each, in the same order), the training loader and the held-out blocks."""
 
     model: Any
-    optimizer: Any
-    scheduler: Any
+    optimizers: list[Any]
+    schedulers: list[Any]
     loader: Any
     eval_sets: dict[str, Any]
     expert_load: ExpertLoad | None = None  # MoE models: tokens per expert, for the log
@@ -62,9 +63,10 @@ def train_loop(run: Run, trainee: Trainee, log: RunLog, progress: Progress) -> b
             result = train_step(run, trainee, batches, progress)
             if result is None:  # a non-finite gradient, skipped (--skip_nonfinite_batches): no step was taken
                 continue
+            previous_seconds = progress.seconds
             progress.step, progress.seconds = clock.step, clock.seconds
             bar.update((clock.step if clock.budget is None else int(clock.seconds)) - bar.n)
-            record = window.add(result, clock, trainee.scheduler.get_last_lr()[0])
+            record = window.add(result, clock, trainee.schedulers[0].get_last_lr()[0])
             if record:
                 bar.set_postfix(
                     step=clock.step, loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}"
@@ -72,14 +74,13 @@ def train_loop(run: Run, trainee: Trainee, log: RunLog, progress: Progress) -> b
             if record and trainee.expert_load is not None:
                 record["expert_load"] = trainee.expert_load.take_window()
             if args.eval_steps and progress.step % args.eval_steps == 0 and not clock.done():
-                record = {
-                    "step": progress.step,
-                    **record,
-                    **evaluate(trainee.model, trainee.eval_sets, args, accelerator),
-                }
+                with clock.paused():
+                    metrics = evaluate(trainee.model, trainee.eval_sets, args, accelerator)
+                record = {"step": progress.step, **record, **metrics}
             log.append(record)
-            if args.save_steps and progress.step % args.save_steps == 0:
-                save_checkpoint(accelerator, run.output_dir, progress, args.save_total_limit)
+            if checkpoint_due(args, progress.step, progress.seconds, previous_seconds):
+                with clock.paused():
+                    save_checkpoint(accelerator, run.output_dir, progress, args.save_total_limit)
             if stop.requested:
                 accelerator.set_trigger()
             if accelerator.check_trigger():  # any rank interrupted: all save together, then leave
@@ -87,6 +88,17 @@ def train_loop(run: Run, trainee: Trainee, log: RunLog, progress: Progress) -> b
                 accelerator.print(f"interrupted: saved {saved}; resume with --resume_from_checkpoint latest")
                 return False
     return True
+
+
+def checkpoint_due(args: Any, step: int, seconds: float, previous_seconds: float) -> bool:
+    """Every ``--save_steps`` steps, and at the first step past each ``--save_minutes`` mark of training
+    time (``seconds`` is agreed across ranks, so all ranks save together)."""
+    if args.save_steps and step % args.save_steps == 0:
+        return True
+    if args.save_minutes:
+        interval = args.save_minutes * 60.0
+        return int(seconds // interval) > int(previous_seconds // interval)
+    return False
 
 
 def train_step(
@@ -108,18 +120,25 @@ def train_step(
             loss = model(**batch, return_logits=False, use_cache=False).loss
             accelerator.backward(loss)
             if not gradient_is_finite(run, model, objective, progress.step + 1):
-                trainee.optimizer.zero_grad(set_to_none=True)
+                zero_grad(trainee)
                 return None
-            trainee.optimizer.step()  # Accelerate makes it a no-op until the last micro-batch
+            for optimizer in trainee.optimizers:
+                optimizer.step()  # Accelerate makes it a no-op until the last micro-batch
             if accelerator.sync_gradients:  # count optimizer steps, not micro-batches
-                run.clock.tick()  # before the scheduler: it reads the new step and time
+                run.clock.tick()  # before the schedulers: they read the new step and time
                 balance_experts(accelerator.unwrap_model(model), trainee.expert_load)
-            trainee.scheduler.step()
-            trainee.optimizer.zero_grad(set_to_none=True)
+            for scheduler in trainee.schedulers:
+                scheduler.step()
+            zero_grad(trainee)
         step_loss += accelerator.reduce(loss.detach(), "mean").item() / args.gradient_accumulation_steps
         mask = batch.get("attention_mask")
         step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     return StepResult(step_loss, step_tokens, objective)
+
+
+def zero_grad(trainee: Trainee) -> None:
+    for optimizer in trainee.optimizers:
+        optimizer.zero_grad(set_to_none=True)
 
 
 def balance_experts(model: Any, expert_load: ExpertLoad | None) -> None:
