@@ -229,8 +229,8 @@ def _balance_on_two_ranks(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.slow  # two spawned processes: ~20 s of imports
 def test_bias_update_follows_the_load_summed_over_processes(tmp_path):
     torch.multiprocessing.spawn(_balance_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    loads = [torch.load(tmp_path / f"load{rank}.pt") for rank in (0, 1)]
-    biases = [torch.load(tmp_path / f"bias{rank}.pt") for rank in (0, 1)]
+    loads = [torch.load(tmp_path / f"load{rank}.pt", weights_only=True) for rank in (0, 1)]
+    biases = [torch.load(tmp_path / f"bias{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert not torch.equal(*loads)
     load, start = loads[0] + loads[1], routers(moe_model())[0].e_score_correction_bias
     expected = start + 1e-3 * torch.sign(load.mean() - load)  # moe-tiny's rate

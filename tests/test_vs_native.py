@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, load_script
 
 vs_native = load_script(ROOT / "benchmarks" / "vs_native.py", "vs_native")
@@ -14,6 +16,7 @@ OURS = "--preset tiny --block_size 64 --per_device_train_batch_size 8 --max_trai
 OURS += " --eval_blocks 1 --num_proc 1 --sample_new_tokens 1 --objective clm"
 
 
+@pytest.mark.slow  # ~55 s: four training processes and their scoring (CI keeps to ~10 minutes)
 def test_two_seeds_both_sides_report_curves_minutes_to_quality_and_a_plot(tmp_path, tokenizer_dir):
     out, plot = tmp_path / "vs.json", tmp_path / "vs.png"
     ours = f"{OURS} --tokenizer {tokenizer_dir}"
