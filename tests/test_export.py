@@ -94,6 +94,9 @@ def test_exported_folder_loads_in_a_venv_with_only_torch_transformers_safetensor
         capture_output=True,
         text=True,
         timeout=1200,
+        # the script reads the installed transformers version from `python` on PATH: this venv's, even
+        # when pytest was started as .venv/bin/python without activating the venv
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
