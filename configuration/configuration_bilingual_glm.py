@@ -103,48 +103,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
         **_OWN_TOKEN_IDS,
     ),
-    # CI's MoE: 4 routed experts (top-2) + 1 shared, the first layer dense, qk-norm, glm4_moe's rotary layout.
-    "moe-tiny": dict(
-        vocab_size=1024,
-        hidden_size=64,
-        intermediate_size=172,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        n_routed_experts=4,
-        moe_intermediate_size=32,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        use_qk_norm=True,
-        rotary_interleaved=False,
-        router_bias_update_rate=1e-3,
-        **_OWN_TOKEN_IDS,
-    ),
-    # train.py's CPU MoE: `mini`'s attention and vocabulary, 8 experts of 1/4 the dense width, top-2 + 1 shared
-    # (active MLP width = 3/4 of mini's), one dense layer first, GLM-4.5's loss-free balancing.
-    "moe-mini": dict(
-        vocab_size=16384,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        n_routed_experts=8,
-        moe_intermediate_size=172,
-        num_experts_per_tok=2,
-        n_shared_experts=1,
-        first_k_dense_replace=1,
-        use_qk_norm=True,
-        rotary_interleaved=False,
-        router_bias_update_rate=1e-3,
-        **_OWN_TOKEN_IDS,
-    ),
     "glm-4-9b": dict(
         vocab_size=151552,
         hidden_size=4096,
@@ -198,6 +156,25 @@ PRESETS: dict[str, dict[str, Any]] = {
         sop_token_id=151333,
         eop_token_id=151334,
     ),
+}
+
+# The MoE presets: a dense preset with GLM-4.5's layers from the second on (top-2 of the routed experts + 1
+# shared, qk-norm, glm4_moe's rotary layout, loss-free balancing). `moe-tiny` is CI's; `moe-mini` is train.py's
+# CPU MoE: `mini`'s attention and vocabulary, 8 experts of 1/4 the dense width (active MLP width 3/4 of mini's).
+_GLM45_LAYERS: dict[str, Any] = dict(
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    use_qk_norm=True,
+    rotary_interleaved=False,
+    router_bias_update_rate=1e-3,
+)
+PRESETS["moe-tiny"] = {**PRESETS["tiny"], **_GLM45_LAYERS, "n_routed_experts": 4, "moe_intermediate_size": 32}
+PRESETS["moe-mini"] = {
+    **PRESETS["mini"],
+    **_GLM45_LAYERS,
+    "n_routed_experts": 8,
+    "moe_intermediate_size": 172,
 }
 
 # Mixture-of-Experts fields, named as transformers' ``Glm4MoeConfig`` names them (the converters copy them

@@ -76,15 +76,34 @@ RANDOM_CONFIGS = [
 ]
 
 
-def perturbed_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
-    """Tiny causal LM with every weight moved off its init (norms are ones, biases zero otherwise)."""
+def perturbed_model(
+    seed: int = 0, dtype: torch.dtype = torch.float32, preset: str = "tiny", **overrides
+) -> torch.nn.Module:
+    """Tiny causal LM with every weight moved off its init (norms are ones, biases zero otherwise), and, on an MoE
+    preset, random router correction biases (zeros would hide the bias's part in choosing experts)."""
     torch.manual_seed(seed)
-    config = bilingual_glm.BilingualGlmConfig.from_preset("tiny", **overrides)
+    config = bilingual_glm.BilingualGlmConfig.from_preset(preset, **overrides)
     model = bilingual_glm.BilingualGlmForCausalLM(config)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
+    perturb_correction_biases(model, seed)
     return model.to(dtype).eval()
+
+
+def moe_model(seed: int = 0, **overrides) -> torch.nn.Module:
+    """``perturbed_model`` of the ``moe-tiny`` preset."""
+    return perturbed_model(seed, preset="moe-tiny", **overrides)
+
+
+def perturb_correction_biases(model: torch.nn.Module, seed: int) -> None:
+    """Random ``e_score_correction_bias`` in every MoE router, from their own generator (the weights' draws stay
+    as they were)."""
+    generator = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.05)
 
 
 @pytest.fixture(scope="session")

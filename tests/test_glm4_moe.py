@@ -24,7 +24,7 @@ from bilingual_glm.conversion import (
     to_transformers_glm4_moe,
 )
 
-from .conftest import perturbed_model
+from .conftest import moe_model, perturb_correction_biases, perturbed_model
 
 TOLERANCE = 1e-5
 ROUTERS = ("BilingualGlmTopkRouter", "Glm4MoeTopkRouter")
@@ -54,25 +54,6 @@ MOE_CONFIGS = [
         id="headdim24-groups2of1-linear",
     ),
 ]  # fmt: skip
-
-
-def moe_model(seed: int = 0, **overrides) -> BilingualGlmForCausalLM:
-    """moe-tiny with every weight moved off its init (norms = 1 + noise) and random router correction biases."""
-    torch.manual_seed(seed)
-    model = BilingualGlmForCausalLM(BilingualGlmConfig.from_preset("moe-tiny", **overrides))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
-    _perturb_correction_biases(model, seed)
-    return model.eval()
-
-
-def _perturb_correction_biases(model: torch.nn.Module, seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.05)
 
 
 def _inputs(config, batch=3, length=17, seed=5):
@@ -134,7 +115,7 @@ def test_native_glm4_moe_to_ours_logits_experts_and_greedy(overrides):
     with torch.no_grad():  # perturb the native model itself (norms, experts, router) so nothing leaks from ours
         for parameter in native.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.02)
-    _perturb_correction_biases(native, seed=7)
+    perturb_correction_biases(native, seed=7)
     ours = from_transformers_glm4_moe(native)
     assert ours.config.is_moe and ours.config.rotary_interleaved is False
     assert_same_model(ours, native, _inputs(native.config))

@@ -16,20 +16,8 @@ from bilingual_glm.finetuning.arguments import LORA_TARGETS
 from bilingual_glm.infill import infill
 from bilingual_glm.modeling import modeling_bilingual_glm as modeling
 
+from .conftest import moe_model
 from .test_train import read_log, run_train
-
-
-def moe_model(seed: int = 0, **overrides) -> BilingualGlmForCausalLM:
-    """``moe-tiny`` with every weight and correction bias moved off its init."""
-    torch.manual_seed(seed)
-    model = BilingualGlmForCausalLM(BilingualGlmConfig.from_preset("moe-tiny", **overrides))
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(torch.randn_like(parameter) * 0.05)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn_like(buffer) * 0.05)
-    return model.eval()
 
 
 def tokens(batch: int, length: int, seed: int = 1) -> torch.Tensor:
