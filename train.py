@@ -45,7 +45,7 @@ from bilingual_glm.training.cli import run_cli
 from bilingual_glm.training.clock import TrainingClock
 from bilingual_glm.training.evaluation import evaluate, print_samples
 from bilingual_glm.training.loop import Run, Trainee, train_loop
-from bilingual_glm.training.optimizers import build_optimizers, check_engine, parameter_counts
+from bilingual_glm.training.optimizers import build_optimizers, parameter_counts, resolve_optimizer
 from bilingual_glm.training.precision import resolve_mixed_precision
 from bilingual_glm.training.run_config import environment, write_run_config
 from bilingual_glm.training.run_log import ExpertLoad, RunLog, plot_loss
@@ -106,7 +106,7 @@ def start_run(args: TrainArguments) -> Run:
     clock = TrainingClock(args.max_steps, args.max_train_minutes, args.warmup_steps, accelerator)
     distributed.configure(accelerator, args.max_grad_norm, args.per_device_train_batch_size)
     distributed.check(accelerator, distributed.requested())  # never a silent fallback: exit 2 at start
-    check_engine(args.optimizer, accelerator.distributed_type.value)
+    args.optimizer = resolve_optimizer(args.optimizer, accelerator.distributed_type.value)  # auto -> a name
     set_seed(args.seed)
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)

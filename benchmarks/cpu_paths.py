@@ -2,7 +2,8 @@
 
 The model takes two CPU paths by rule (``modeling/kernels_bilingual_glm.py``): fp32 linears on oneDNN
 (``onednn_fp32_wins``: the CPU kinds where it was measured to win, ``ONEDNN_FP32_WINS``) and bf16 attention
-as two bf16 matmuls (``fast_bf16``: native bf16 only). Rules, not timings at start-up, so a run's numbers
+as two bf16 matmuls (``fast_bf16``: native bf16 only); train.py's Muon runs its Newton-Schulz iteration in
+bf16 by the same rule (``newton_schulz_dtype``), else in fp32. Rules, not timings at start-up, so a run's numbers
 never depend on what a first measurement saw; this script is how a rule is checked on a new kind of CPU:
 it prints the kind, whether the rule table knows it, and the rule's verdict next to each measurement, so a
 user can report a row. Shapes are the ``small`` preset's at 16 x 256 tokens (the benchmark's training
@@ -29,6 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bilingual_glm import BilingualGlmConfig  # noqa: E402
 from bilingual_glm.modeling import kernels_bilingual_glm as kernels  # noqa: E402
+from bilingual_glm.training.optimizers import newton_schulz_dtype, orthogonalize  # noqa: E402
 
 WIN = 1.05  # a path "wins" when it is at least 5 % faster than what it replaces
 
@@ -110,6 +112,31 @@ def attention_row(config: BilingualGlmConfig, batch: int, length: int, repeats: 
     }
 
 
+def newton_schulz_row(config: BilingualGlmConfig, repeats: int) -> dict:
+    """One layer's Muon orthogonalization (q, k, v, o, gate_up, down): bf16, as torch.optim.Muon runs it,
+    vs fp32 (``optimizers.Muon`` where bf16 is not native)."""
+    hidden, inter, dim = config.hidden_size, config.intermediate_size, config.head_dim
+    shapes = [(config.num_attention_heads * dim, hidden), (config.num_key_value_heads * dim, hidden)] * 2
+    shapes += [(hidden, config.num_attention_heads * dim), (2 * inter, hidden), (hidden, inter)]
+    shapes = shapes[:2] + shapes[3:]  # q, k, v, o, gate_up, down
+    generator = torch.Generator().manual_seed(0)
+    matrices = [torch.randn(shape, generator=generator) for shape in shapes]
+    coefficients = (3.4445, -4.7750, 2.0315)
+
+    def run(dtype: torch.dtype) -> None:
+        for matrix in matrices:
+            orthogonalize(matrix, coefficients, 5, 1e-7, dtype)
+
+    fast, plain = best_of(lambda: run(torch.bfloat16), repeats), best_of(lambda: run(torch.float32), repeats)
+    flops = sum(5 * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3) for m, n in shapes)
+    return {
+        "path": "bf16_newton_schulz",
+        "fast_gflops": flops / fast / 1e9,
+        "plain_gflops": flops / plain / 1e9,
+        "speedup": plain / fast,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", dest="json_path", help="Write the result here too.")
@@ -117,11 +144,16 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16 * 256, help="Rows of the linears (batch x length).")
     args = parser.parse_args()
     config = BilingualGlmConfig.from_preset("small")
-    rules = {"onednn_fp32_linear": kernels.onednn_fp32_wins(), "bf16_matmul_attention": kernels.fast_bf16()}
+    rules = {
+        "onednn_fp32_linear": kernels.onednn_fp32_wins(),
+        "bf16_matmul_attention": kernels.fast_bf16(),
+        "bf16_newton_schulz": newton_schulz_dtype() == torch.bfloat16,
+    }
     rows = linear_rows(config, args.tokens, args.repeats)
     rows.append(
         attention_row(config, batch=args.tokens // 256, length=256, repeats=max(3, args.repeats // 4))
     )
+    rows.append(newton_schulz_row(config, max(3, args.repeats // 4)))
     for row in rows:
         rule = rules[row["path"].split("[")[0]]
         row.update(

@@ -15,7 +15,14 @@ import bilingual_glm
 from bilingual_glm.training.arguments import TrainArguments, check_arguments
 from bilingual_glm.training.clock import TrainingClock
 from bilingual_glm.training.loop import checkpoint_due
-from bilingual_glm.training.optimizers import build_optimizers, check_engine, split_parameters
+from bilingual_glm.training.optimizers import (
+    Muon,
+    build_optimizers,
+    newton_schulz_dtype,
+    orthogonalize,
+    resolve_optimizer,
+    split_parameters,
+)
 
 from .test_train import read_log, run_train
 
@@ -69,7 +76,7 @@ def test_adamw_runs_build_the_optimizer_train_py_always_built(preset):
     net = model(preset)
     decay = [p for n, p in net.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
     no_decay = [p for n, p in net.named_parameters() if p.dim() < 2 or "embed_tokens" in n]
-    args = TrainArguments(preset=preset)
+    args = TrainArguments(preset=preset, optimizer="adamw")
     (adamw,), (scheduler,) = build_optimizers(net, args, lambda _: 1.0, fused=True)
     assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["fused"]
     assert [group["params"] for group in adamw.param_groups] == [decay, no_decay]
@@ -91,6 +98,64 @@ def test_muon_runs_build_adamw_then_muon_with_the_flags():
     assert sorted(held) == sorted(everything)  # every parameter in exactly one optimizer
 
 
+def muon_matrices(seed: int) -> list[torch.nn.Parameter]:
+    """A wide, a tall and a square matrix (both orientations of the iteration), with three gradients each."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        torch.nn.Parameter(torch.randn(shape, generator=generator))
+        for shape in ((24, 40), (40, 24), (32, 32))
+    ]
+
+
+@pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
+def test_muon_loop_in_bf16_is_torch_muon_bit_for_bit(adjust_lr_fn):
+    # the fp32 path is this loop with another dtype: in bf16 it must be torch's step exactly
+    ours, torchs = muon_matrices(0), muon_matrices(0)
+    kwargs = dict(lr=0.02, momentum=0.95, weight_decay=0.01, adjust_lr_fn=adjust_lr_fn)
+    mine, reference = Muon(ours, ns_dtype=torch.float32, **kwargs), torch.optim.Muon(torchs, **kwargs)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for a, b in zip(ours, torchs, strict=True):
+            a.grad = torch.randn(a.shape, generator=generator)
+            b.grad = a.grad.clone()
+        mine.step_in(torch.bfloat16)
+        reference.step()
+    for a, b in zip(ours, torchs, strict=True):
+        assert torch.equal(a, b)
+        assert torch.equal(mine.state[a]["momentum_buffer"], reference.state[b]["momentum_buffer"])
+
+
+def test_fp32_newton_schulz_orthogonalizes_as_bf16_does_and_is_what_step_runs():
+    for matrix in muon_matrices(2):
+        out32 = orthogonalize(matrix.detach(), (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
+        out16 = orthogonalize(matrix.detach(), (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.bfloat16)
+        assert out32.dtype == torch.float32 and out32.shape == matrix.shape
+        singular = torch.linalg.svdvals(out32)
+        assert singular.min() > 0.5 and singular.max() < 1.3  # Muon's "U S' V^T", S' near 1, not exact
+        assert (out32 - out16.float()).abs().max() < 0.05  # the same iteration, bf16 rounding apart
+    params = muon_matrices(3)
+    mine = Muon(params, ns_dtype=torch.float32, lr=0.02)
+    for param in params:
+        param.grad = torch.ones_like(param)
+    copies = [param.detach().clone() for param in params]
+    mine.step()
+    replay = Muon(copies, ns_dtype=torch.float32, lr=0.02)
+    for copy in copies:
+        copy.grad = torch.ones_like(copy)
+    replay.step_in(torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(params, copies, strict=True))
+
+
+def test_newton_schulz_dtype_follows_the_bf16_rule(monkeypatch):
+    monkeypatch.setenv("BILINGUAL_GLM_BF16", "1")
+    assert newton_schulz_dtype() == torch.bfloat16
+    monkeypatch.setenv("BILINGUAL_GLM_BF16", "0")
+    assert newton_schulz_dtype() == torch.float32
+    args = TrainArguments(optimizer="muon")
+    (_, muon), _ = build_optimizers(model("tiny"), args, lambda _: 1.0, fused=False)
+    assert muon.ns_dtype == torch.float32
+
+
 def test_muon_flags_are_checked_and_sharding_engines_refused():
     for bad, needle in [
         ({"optimizer": "sgd"}, "--optimizer"),
@@ -103,9 +168,14 @@ def test_muon_flags_are_checked_and_sharding_engines_refused():
             check_arguments(TrainArguments(**bad))
     for engine in ("DEEPSPEED", "FSDP"):
         with pytest.raises(ValueError, match=f"not under {engine}"):
-            check_engine("muon", engine)
-        check_engine("adamw", engine)
-    check_engine("muon", "MULTI_CPU")
+            resolve_optimizer("muon", engine)
+        assert resolve_optimizer("adamw", engine) == "adamw"
+        assert resolve_optimizer("auto", engine) == "adamw"  # the default never refuses an engine
+    for engine in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        assert resolve_optimizer("auto", engine) == "muon"
+        assert resolve_optimizer("muon", engine) == "muon"
+    with pytest.raises(ValueError, match="--optimizer"):
+        resolve_optimizer("sgd", "NO")
 
 
 def test_muon_run_resumed_from_its_middle_checkpoint_ends_with_the_same_weights(tmp_path, tokenizer_dir):

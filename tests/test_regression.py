@@ -8,6 +8,8 @@ Why these settings:
 
 - ``--max_steps`` only (no time budget): the lr schedule is then a function of the step alone.
 - ``--mixed_precision no``: fp32, so the numbers do not depend on whether the CPU has native bf16.
+- ``--optimizer adamw``: the default Muon orthogonalizes in bf16 or fp32 by CPU kind (``newton_schulz_dtype``),
+  which would make the numbers depend on it too. The fixture was recorded with AdamW, the default then.
 - all three objectives mixed: the per-batch objective draw, the GLM and MLM collators' seeded masking and
   the causal collator all feed the losses, and the drawn objective of every step is checked exactly.
 - the tokenizer is trained here from a fixed slice of the demo corpus (400 documents, vocab 512; BPE
@@ -41,6 +43,8 @@ REGENERATE_ENV = "BILINGUAL_GLM_REGENERATE"
 RTOL = 1e-4
 TOKENIZER = {"documents": 400, "shuffle_seed": 0, "vocab_size": 512}
 TRAIN_ARGS = [
+    "--optimizer",  # not the default (auto: Muon), whose Newton-Schulz precision follows the CPU kind
+    "adamw",
     "--preset",
     "tiny",
     "--objective",

@@ -321,7 +321,8 @@ def test_model_name_or_path_goes_on_from_the_folder_on_review_texts(tmp_path, to
     # lr ~0: the continued run must end where the folder's weights are (a fresh init would be far away)
     run_train(
         [*common, "--output_dir", str(second), "--model_name_or_path", str(first)]
-        + ["--train_files", str(data / "train.jsonl"), "--learning_rate", "1e-12", "--preset", "small"]
+        + ["--train_files", str(data / "train.jsonl"), "--preset", "small"]
+        + ["--learning_rate", "1e-12", "--muon_learning_rate", "1e-12"]  # both optimizers' peaks
     )
     before = AutoModelForCausalLM.from_pretrained(first).state_dict()
     after = AutoModelForCausalLM.from_pretrained(second).state_dict()

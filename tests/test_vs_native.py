@@ -21,6 +21,7 @@ def test_two_seeds_both_sides_report_curves_minutes_to_quality_and_a_plot(tmp_pa
     out, plot = tmp_path / "vs.json", tmp_path / "vs.png"
     ours = f"{OURS} --tokenizer {tokenizer_dir}"
     command = [sys.executable, str(ROOT / "benchmarks" / "vs_native.py"), "--minutes", "0.03"]
+    command += ["--ours_minutes", "0.02"]  # ours' own budget: it ends before native does
     command += ["--score_every", "0.01", "--seeds", "0,1", "--ours_args", ours, "--json", str(out)]
     command += ["--plot", str(plot), "--native_train_documents", "200", "--held_out_documents", "1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -28,6 +29,7 @@ def test_two_seeds_both_sides_report_curves_minutes_to_quality_and_a_plot(tmp_pa
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["machine"]["model"] and report["seeds"] == [0, 1] and report["minutes"] == 0.03
+    assert report["ours_minutes"] == 0.02
     assert plot.is_file() and plot.stat().st_size > 0 and report["plot"] == str(plot.resolve())
     for side in ("native", "ours"):
         runs = report["results"][side]

@@ -98,11 +98,13 @@ class TrainArguments:
     )
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW decay on matrices (not norms/biases)."})
     optimizer: str = field(
-        default="adamw",
+        default="auto",
         metadata={
-            "help": "adamw: AdamW for every parameter. muon: torch.optim.Muon for the decoder layers' 2-D "
-            "weight matrices (attention q/k/v/o, MLP, shared experts), AdamW (--learning_rate) for the "
-            "embedding, head, norms, biases, MoE router and routed experts (docs/training.md)."
+            "help": "auto: muon, except under DeepSpeed/FSDP (adamw); run_config.json records the one that "
+            "ran. muon: torch.optim.Muon (Newton-Schulz in fp32 where bf16 is not native) for the decoder "
+            "layers' 2-D weight matrices (attention q/k/v/o, MLP, shared experts), AdamW (--learning_rate) "
+            "for the embedding, head, norms, biases, MoE router and routed experts. adamw: AdamW for every "
+            "parameter (docs/training.md)."
         },
     )
     muon_learning_rate: float = field(
