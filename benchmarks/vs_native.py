@@ -322,7 +322,8 @@ def print_report(report: dict[str, Any]) -> None:
     """The table of final figures per side and seed, then minutes-to-quality per language."""
     machine, args = report["machine"], report
     seeds = ",".join(str(seed) for seed in report["seeds"])
-    budget = f"native {args['minutes']:g}, ours {args['ours_minutes']:g} training minutes"
+    minutes = {"native": args["minutes"], "ours": args["ours_minutes"]}
+    budget = ", ".join(f"{side} {minutes[side]:g}" for side in report["results"]) + " training minutes"
     print(f"\nbits/char on the held-out demo split, {budget}, seeds {seeds}")
     print(f"CPU: {machine['model']} (family {machine.get('family')} model {machine.get('model_number')}; "
           f"flags {' '.join(machine.get('flags', []))}; isa_cap {machine.get('isa_cap')})")  # fmt: skip
