@@ -30,7 +30,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bilingual_glm import BilingualGlmConfig  # noqa: E402
 from bilingual_glm.modeling import kernels_bilingual_glm as kernels  # noqa: E402
-from bilingual_glm.training.optimizers import newton_schulz_dtype, orthogonalize  # noqa: E402
+from bilingual_glm.training.optimizers import MUON_DEFAULTS, newton_schulz_dtype, orthogonalize  # noqa: E402
 
 WIN = 1.05  # a path "wins" when it is at least 5 % faster than what it replaces
 
@@ -115,20 +115,19 @@ def attention_row(config: BilingualGlmConfig, batch: int, length: int, repeats: 
 def newton_schulz_row(config: BilingualGlmConfig, repeats: int) -> dict:
     """One layer's Muon orthogonalization (q, k, v, o, gate_up, down): bf16, as torch.optim.Muon runs it,
     vs fp32 (``optimizers.Muon`` where bf16 is not native)."""
-    hidden, inter, dim = config.hidden_size, config.intermediate_size, config.head_dim
-    shapes = [(config.num_attention_heads * dim, hidden), (config.num_key_value_heads * dim, hidden)] * 2
-    shapes += [(hidden, config.num_attention_heads * dim), (2 * inter, hidden), (hidden, inter)]
-    shapes = shapes[:2] + shapes[3:]  # q, k, v, o, gate_up, down
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    shapes = [(q, hidden), (kv, hidden), (kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
     generator = torch.Generator().manual_seed(0)
     matrices = [torch.randn(shape, generator=generator) for shape in shapes]
-    coefficients = (3.4445, -4.7750, 2.0315)
+    ns = (MUON_DEFAULTS["ns_coefficients"], MUON_DEFAULTS["ns_steps"], MUON_DEFAULTS["eps"])
 
     def run(dtype: torch.dtype) -> None:
         for matrix in matrices:
-            orthogonalize(matrix, coefficients, 5, 1e-7, dtype)
+            orthogonalize(matrix, *ns, dtype)
 
     fast, plain = best_of(lambda: run(torch.bfloat16), repeats), best_of(lambda: run(torch.float32), repeats)
-    flops = sum(5 * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3) for m, n in shapes)
+    flops = sum(ns[1] * (4 * min(m, n) ** 2 * max(m, n) + 2 * min(m, n) ** 3) for m, n in shapes)
     return {
         "path": "bf16_newton_schulz",
         "fast_gflops": flops / fast / 1e9,

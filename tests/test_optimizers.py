@@ -16,6 +16,7 @@ from bilingual_glm.training.arguments import TrainArguments, check_arguments
 from bilingual_glm.training.clock import TrainingClock
 from bilingual_glm.training.loop import checkpoint_due
 from bilingual_glm.training.optimizers import (
+    MUON_DEFAULTS,
     Muon,
     build_optimizers,
     newton_schulz_dtype,
@@ -127,8 +128,9 @@ def test_muon_loop_in_bf16_is_torch_muon_bit_for_bit(adjust_lr_fn):
 
 def test_fp32_newton_schulz_orthogonalizes_as_bf16_does_and_is_what_step_runs():
     for matrix in muon_matrices(2):
-        out32 = orthogonalize(matrix.detach(), (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.float32)
-        out16 = orthogonalize(matrix.detach(), (3.4445, -4.7750, 2.0315), 5, 1e-7, torch.bfloat16)
+        ns = (MUON_DEFAULTS["ns_coefficients"], MUON_DEFAULTS["ns_steps"], MUON_DEFAULTS["eps"])
+        out32 = orthogonalize(matrix.detach(), *ns, torch.float32)
+        out16 = orthogonalize(matrix.detach(), *ns, torch.bfloat16)
         assert out32.dtype == torch.float32 and out32.shape == matrix.shape
         singular = torch.linalg.svdvals(out32)
         assert singular.min() > 0.5 and singular.max() < 1.3  # Muon's "U S' V^T", S' near 1, not exact

@@ -42,6 +42,7 @@ AdamW's 187, under the AVX2 caps; docs/training.md). ``Muon`` below is torch's o
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -55,6 +56,8 @@ OPTIMIZERS = ("auto", "adamw", "muon")  # auto: muon where the engine allows it 
 SHARDING_ENGINES = ("DEEPSPEED", "FSDP")  # one optimizer only / matrices sharded: no Muon
 MUON_ADJUST_LR = ("original", "match_rms_adamw")  # torch.optim.Muon's adjust_lr_fn options
 ROUTER_SUFFIX = "mlp.gate.weight"  # the MoE router's scores (transformers' glm4_moe name)
+# torch.optim.Muon's constructor defaults (ns_coefficients, ns_steps, eps, ...), read from torch, not copied
+MUON_DEFAULTS = {name: p.default for name, p in inspect.signature(torch.optim.Muon).parameters.items()}
 
 ParameterGroups = dict[str, list[tuple[str, nn.Parameter]]]
 
