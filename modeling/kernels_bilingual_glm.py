@@ -401,7 +401,10 @@ def matmul_attention_forward(
 
 
 # --------------------------------------------------------------------------------------------- loss
-_LOSS_CHUNK_LOGITS = 1 << 21  # logits per loss chunk: 8 MiB in fp32, cache-sized
+# Logits per loss chunk: 16 MiB in fp32 (512 rows of an 8k vocabulary). Swept 2^20..2^25 for 2,040 rows x 8k
+# (fwd + bwd; benchmarks/README.md, "The loss chunk, swept"): capped at AVX2 (MKL) 2^22 is fastest, 6-9 % under 2^21;
+# on AVX-512 (oneDNN) 2^21 and 2^22 tie; smaller chunks pay the [V, d] operand once per chunk.
+_LOSS_CHUNK_LOGITS = 1 << 22
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
