@@ -123,6 +123,7 @@ def test_unknown_row_is_a_clear_error():
     assert "train_fp64" in result.stderr
 
 
+@pytest.mark.slow  # CI time (Makefile): heavy; run by make test-slow
 def test_memory_row_measures_live_bytes_not_where_the_allocator_kept_freed_blocks():
     """Fresh workers of one side agree to well under a MiB. Under glibc's adaptive mmap threshold the same
     tiny bf16 worker read 51.8-56.6 MiB (±15 MiB on `small`), so before/after differences under that were noise."""

@@ -227,6 +227,7 @@ def test_tp_plan_is_native_glms():
         assert any(regex.match(name) for name in names), pattern
 
 
+@pytest.mark.slow  # CI time (Makefile): gloo, 2 processes
 def test_tp_plan_auto_shards_ours_and_native_alike(tmp_path):
     """``from_pretrained(tp_plan="auto")`` on 2 CPU processes (torchrun, gloo): each rank holds half of
     q_proj, and ours gives the unsharded logits and greedy tokens, as native glm does from the same weights."""

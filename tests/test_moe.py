@@ -333,6 +333,7 @@ def test_lora_default_targets_attention_dense_and_shared_experts_not_routed_expe
 
 
 # --------------------------------------------------------------------------------------- train.py
+@pytest.mark.slow  # CI time (Makefile): heavy; run by make test-slow
 def test_train_py_trains_an_moe_preset_and_logs_the_expert_load(tmp_path, tokenizer_dir):
     out = tmp_path / "moe"
     run_train(

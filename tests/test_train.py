@@ -84,7 +84,9 @@ def test_glm_objective_loss_falls_and_outputs_reload(tmp_path, tokenizer_dir):
     assert (out / "modeling_bilingual_glm.py").is_file()
 
 
-@pytest.mark.parametrize("objective", ["clm", "mlm", "clm:0.5,glm:0.3,mlm:0.2"])
+@pytest.mark.parametrize(
+    "objective", ["clm", "mlm", pytest.param("clm:0.5,glm:0.3,mlm:0.2", marks=pytest.mark.slow)]
+)
 def test_other_objectives_run(tmp_path, tokenizer_dir, objective):
     out = tmp_path / "run"
     run_train(
@@ -105,6 +107,7 @@ def test_other_objectives_run(tmp_path, tokenizer_dir, objective):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.slow  # CI time (Makefile): gloo, 2 processes
 def test_two_process_cpu_run_records_num_processes(tmp_path, tokenizer_dir):
     out = tmp_path / "ddp"
     launcher = [
@@ -436,6 +439,7 @@ def test_edge_values_train_or_stop_with_a_clear_error(tmp_path, tokenizer_dir):
     assert "tokens" in outcomes["one_line_file"]["stderr"]  # how much text there was, against --block_size
 
 
+@pytest.mark.slow  # CI time (Makefile): heavy; run by make test-slow
 def test_report_to_tensorboard_writes_the_logged_numbers(tmp_path, tokenizer_dir):
     """--report_to tensorboard: Accelerate's tracker writes an event file under output_dir/trackers holding
     the same loss and lr records as log.jsonl (which stays)."""
