@@ -53,6 +53,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -179,7 +180,10 @@ class BenchArgs:
     )
     profile: int = field(
         default=0,
-        metadata={"help": "Also profile one bf16 and one fp32 train step per side; keep the top N ops."},
+        metadata={
+            "help": "Also profile one fp32 (and, with native bf16, one bf16) train step per side: the top N ops, "
+            "and all ops' time split into what both sides share (GEMMs, attention, optimizer) and the rest."
+        },
     )
     memory_worker: str | None = field(
         default=None, metadata={"help": "Internal: measure one side (ours|reference) in this process."}
@@ -650,11 +654,50 @@ def bench_pipeline(args: BenchArgs) -> list[dict]:
     return [row("pipeline_tokens_per_s", value, None, "tokens/s", ratio=value)]
 
 
+# What both sides run on the same kernels, by profiler op name (substrings): the GEMM library (MKL, or oneDNN
+# where ours' rule takes it), torch's SDPA kernels, the fused AdamW. Everything else ("other": norms, RoPE,
+# activations, the loss's softmax, copies, the autograd engine) is where the two models' code differs.
+SHARED_OPS = {
+    "gemm": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise"),
+    "attention": ("scaled_dot_product",),
+    "optimizer": ("aten::_fused_adam", "aten::_foreach_", "Optimizer."),
+}
+
+
+def op_category(op: str) -> str:
+    """``gemm``, ``attention``, ``optimizer`` (``SHARED_OPS``) or ``other``."""
+    for category, names in SHARED_OPS.items():
+        if any(name in op for name in names):
+            return category
+    return "other"
+
+
+def profile_split(ours: dict[str, float], reference: dict[str, float]) -> dict[str, Any]:
+    """Each side's self ms per category (``op_category``) and the ceiling of the ratio.
+
+    The ceiling is reference's step over ours' shared part (``SHARED_OPS``): the ratio ours would reach if all
+    its "other" work cost nothing. Where it is near 1.1, no change to the model's own ops can reach 1.1.
+    """
+    split: dict[str, Any] = {}
+    for side, ops in (("ours", ours), ("reference", reference)):
+        totals = dict.fromkeys([*SHARED_OPS, "other"], 0.0)
+        for op, ms in ops.items():
+            totals[op_category(op)] += ms
+        split[side] = {name: round(ms, 2) for name, ms in totals.items()} | {"total": round(sum(ops.values()), 2)}
+    shared = sum(split["ours"][name] for name in SHARED_OPS)
+    split["ceiling"] = split["reference"]["total"] / shared if shared else None
+    return split
+
+
+PROFILE_ROUNDS = 3  # profiled steps per side, alternated: one step's split moved by ±10 % on a noisy machine
+
+
 def profile_train_step(
     args: BenchArgs, device: torch.device, precisions: tuple[str, ...] = ("bf16", "fp32")
-) -> dict[str, dict[str, list[dict]]]:
-    """torch.profiler over one train step per precision and side (after a warm-up step): top ops by
-    self time, as ``{"bf16": {"ours": [...], "reference": [...]}, "fp32": {...}}``."""
+) -> tuple[dict[str, dict[str, list[dict]]], dict[str, dict[str, Any]]]:
+    """torch.profiler over ``PROFILE_ROUNDS`` train steps per precision and side, alternated after a
+    warm-up step, per step: top ops by self time, as ``{"bf16": {"ours": [...], "reference": [...]},
+    "fp32": {...}}``, and per precision the ``profile_split`` of all ops."""
     from torch.profiler import ProfilerActivity, profile
 
     ours = build_ours(args, device)
@@ -662,34 +705,47 @@ def profile_train_step(
     ids = random_ids(args, ours.config.vocab_size, args.batch_size, args.seq_len, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     tops: dict[str, dict[str, list[dict]]] = {}
+    splits: dict[str, dict[str, Any]] = {}
     for precision in precisions:
-        tops[precision] = {}
-        for side, model in (("ours", ours), ("reference", native)):
-            step = train_step(model, {"input_ids": ids, "labels": ids}, device, bf16=precision == "bf16")
+        steps = {
+            side: train_step(model, {"input_ids": ids, "labels": ids}, device, bf16=precision == "bf16")
+            for side, model in (("ours", ours), ("reference", native))
+        }
+        self_ms: dict[str, Counter] = {side: Counter() for side in steps}
+        calls: dict[str, Counter] = {side: Counter() for side in steps}
+        for step in steps.values():
             step()
-            with profile(activities=activities) as profiler:
-                step()
-                synchronize(device)
-            events = sorted(
-                profiler.key_averages(), key=lambda e: e.self_device_time_total + e.self_cpu_time_total
-            )
-            total = sum(e.self_cpu_time_total + e.self_device_time_total for e in events) or 1
+        for _ in range(PROFILE_ROUNDS):
+            for side, step in steps.items():
+                with profile(activities=activities) as profiler:
+                    step()
+                    synchronize(device)
+                for e in profiler.key_averages():
+                    self_ms[side][e.key] += (e.self_cpu_time_total + e.self_device_time_total) / 1e3 / PROFILE_ROUNDS
+                    calls[side][e.key] += e.count
+        tops[precision] = {}
+        for side, ops in self_ms.items():
+            total = sum(ops.values()) or 1
             top = [
                 {
-                    "op": e.key,
-                    "self_ms": round((e.self_cpu_time_total + e.self_device_time_total) / 1e3, 2),
-                    "share": round((e.self_cpu_time_total + e.self_device_time_total) / total, 4),
-                    "calls": e.count,
+                    "op": op,
+                    "self_ms": round(ms, 2),
+                    "share": round(ms / total, 4),
+                    "calls": calls[side][op] // PROFILE_ROUNDS,
                 }
-                for e in reversed(events[-args.profile :])
+                for op, ms in ops.most_common(args.profile)
             ]
             tops[precision][side] = top
-            print(
-                f"profile, {side}, {args.preset} {precision} train step ({total / 1e3:.1f} ms of self time):"
-            )
+            print(f"profile, {side}, {args.preset} {precision} train step ({total:.1f} ms of self time):")
             for op in top:
                 print(f"  {op['self_ms']:9.1f} ms  {op['share']:6.1%}  {op['calls']:5d}x  {op['op']}")
-    return tops
+        split = splits[precision] = profile_split(self_ms["ours"], self_ms["reference"])
+        for side in steps:
+            parts = ", ".join(f"{name} {ms:.1f}" for name, ms in split[side].items())
+            print(f"profile split, {side}, {precision} (self ms per step): {parts}")
+        ceiling = "n/a" if split["ceiling"] is None else f"{split['ceiling']:.3f}"
+        print(f"{precision}: ours/reference if ours' 'other' ops cost nothing: {ceiling}")
+    return tops, splits
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -775,12 +831,14 @@ def main(args: BenchArgs) -> dict[str, Any]:
         "compared": compared,
     }
     if args.profile:  # the dense steps unless only MoE rows were asked for; the MoE fp32 step with MoE rows
-        profile = profile_train_step(args, device) if wanted - MOE_ROWS else {}
+        precisions = ("bf16", "fp32") if fast_bf16(device) else ("fp32",)  # emulated bf16: as the rows skip it
+        profile, split = profile_train_step(args, device, precisions) if wanted - MOE_ROWS else ({}, {})
         if wanted & MOE_ROWS:
             moe_args = dataclasses.replace(args, preset=args.moe_preset)
-            moe = profile_train_step(moe_args, device, precisions=("fp32",))
+            moe, moe_split = profile_train_step(moe_args, device, precisions=("fp32",))
             profile.update({MOE_PREFIX + precision: tops for precision, tops in moe.items()})
-        payload["profile"] = profile
+            split.update({MOE_PREFIX + precision: parts for precision, parts in moe_split.items()})
+        payload["profile"], payload["profile_split"] = profile, split
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(payload, indent=2) + "\n")
     return payload

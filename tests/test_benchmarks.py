@@ -123,20 +123,74 @@ def test_unknown_row_is_a_clear_error():
     assert "train_fp64" in result.stderr
 
 
-@pytest.mark.slow  # CI time (Makefile): heavy; run by make test-slow
-def test_memory_row_measures_live_bytes_not_where_the_allocator_kept_freed_blocks():
-    """Fresh workers of one side agree to well under a MiB. Under glibc's adaptive mmap threshold the same
-    tiny bf16 worker read 51.8-56.6 MiB (±15 MiB on `small`), so before/after differences under that were noise."""
+@pytest.fixture
+def bench():
+    """benchmarks/run.py as a module. It sets env defaults (OMP_WAIT_POLICY, ...) on import: they are undone
+    afterwards, so later tests see the environment they had."""
     environ, sys.path[:0] = dict(os.environ), [str(ROOT / "benchmarks")]
-    try:  # run.py sets env defaults (OMP_WAIT_POLICY, ...) on import: keep them out of later tests
+    try:
         import run
 
-        args = run.BenchArgs(preset="tiny", batch_size=8, seq_len=128)
-        peaks = [run.memory_peak(args, "ours", bf16=True) for _ in range(3)]
+        yield run
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
         sys.modules.pop("run", None)
         os.environ.clear()
         os.environ.update(environ)
+
+
+@pytest.mark.slow  # CI time (Makefile): heavy; run by make test-slow
+def test_memory_row_measures_live_bytes_not_where_the_allocator_kept_freed_blocks(bench):
+    """Fresh workers of one side agree to well under a MiB. Under glibc's adaptive mmap threshold the same
+    tiny bf16 worker read 51.8-56.6 MiB (±15 MiB on `small`), so before/after differences under that were noise."""
+    args = bench.BenchArgs(preset="tiny", batch_size=8, seq_len=128)
+    peaks = [bench.memory_peak(args, "ours", bf16=True) for _ in range(3)]
     assert all(peak > 1 for peak in peaks), peaks
     assert max(peaks) - min(peaks) < 1.0, peaks
+
+
+def test_profile_split_sums_each_side_and_bounds_the_ratio_by_the_shared_ops(bench):
+    """Op names as torch.profiler gives them on CPU (MKL, oneDNN, flash attention, fused AdamW)."""
+    ours = {
+        "aten::mm": 700.0,
+        "aten::addmm": 50.0,
+        "mkldnn::_linear_pointwise": 30.0,
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward": 80.0,
+        "aten::_scaled_dot_product_flash_attention_for_cpu": 40.0,
+        "aten::_fused_adamw_": 10.0,
+        "aten::mul": 60.0,
+        "aten::cat": 30.0,
+    }
+    reference = {"aten::mm": 760.0, "aten::scaled_dot_product_attention": 120.0, "aten::_foreach_mul_": 10.0}
+    reference |= {"aten::_log_softmax": 60.0, "autograd::engine::evaluate_function: MmBackward0": 50.0}
+    split = bench.profile_split(ours, reference)
+    assert split["ours"] == {"gemm": 780.0, "attention": 120.0, "optimizer": 10.0, "other": 90.0, "total": 1000.0}
+    assert split["reference"] == {"gemm": 760.0, "attention": 120.0, "optimizer": 10.0, "other": 110.0, "total": 1000.0}
+    assert split["ceiling"] == pytest.approx(1000.0 / 910.0)  # reference's step over ours' shared part
+    assert bench.profile_split({"aten::mul": 1.0}, reference)["ceiling"] is None  # nothing shared: no bound
+
+
+def test_tiny_profile_writes_the_top_ops_and_the_split(tmp_path):
+    """--profile on the tiny preset: fp32 only without native bf16 (emulated bf16 is never timed); the top
+    ops and the split are per step, averaged over the profiled rounds."""
+    out = tmp_path / "profile.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BILINGUAL_GLM_BF16": "0"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), *TINY, "--rows", "train_fp32"]
+    command += ["--profile", "5", "--json", str(out)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    payload = json.loads(out.read_text())
+    assert set(payload["profile"]) == set(payload["profile_split"]) == {"fp32"}
+    for side in ("ours", "reference"):
+        top = payload["profile"]["fp32"][side]
+        assert len(top) == 5 and all(op["self_ms"] >= 0 and 0 <= op["share"] <= 1 for op in top), top
+        parts = payload["profile_split"]["fp32"][side]
+        assert set(parts) == {"gemm", "attention", "optimizer", "other", "total"}
+        assert parts["gemm"] > 0 and parts["total"] > 0
+        assert sum(parts[name] for name in ("gemm", "attention", "optimizer", "other")) == pytest.approx(
+            parts["total"], abs=0.05
+        )
+    split = payload["profile_split"]["fp32"]
+    shared = split["ours"]["gemm"] + split["ours"]["attention"] + split["ours"]["optimizer"]
+    assert split["ceiling"] == pytest.approx(split["reference"]["total"] / shared, rel=1e-3)
+    assert "ours/reference if ours' 'other' ops cost nothing" in result.stdout
