@@ -381,6 +381,43 @@ def test_chunked_linear_cross_entropy_matches_full_logits(dtype, monkeypatch):
             assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-5), (mine - theirs).abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_gives_autograds_bits_forward_and_backward(dtype):
+    """The one-buffer backward runs autograd's own products: the same bits as ``silu(gate) * up``."""
+    generator = torch.Generator().manual_seed(0)
+    gate_up = torch.randn(3, 70, 2 * 37, generator=generator).to(dtype).requires_grad_()
+    grad = torch.randn(3, 70, 37, generator=generator).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    plain = up * F.silu(gate)
+    (expected,) = torch.autograd.grad(plain, gate_up, grad)
+    ours = kernels.swiglu(gate_up)
+    (got,) = torch.autograd.grad(ours, gate_up, grad)
+    assert torch.equal(ours, plain) and torch.equal(got, expected)
+    assert ours.grad_fn is not None and "SwiGLU" in type(ours.grad_fn).__name__
+    with torch.no_grad():  # inference takes the plain expression
+        assert kernels.swiglu(gate_up).grad_fn is None and torch.equal(kernels.swiglu(gate_up), plain)
+
+
+@pytest.mark.parametrize("half_split", [None, 4])
+def test_rotary_over_the_whole_head_equals_the_sliced_path(half_split):
+    """With no dims passing, rotation skips the slice and the cat; the rotated dims and their gradients
+    are the bits of the sliced path (the same head with one more, passing, pair of dims). Both read the same
+    strides, as q and k are views of one projection in the model: torch's complex multiply rounds a
+    contiguous input differently from a strided one."""
+    generator = torch.Generator().manual_seed(0)
+    cos, sin = torch.randn(2, 1, 5, 4, generator=generator), torch.randn(2, 1, 5, 4, generator=generator)
+    wider = torch.randn(2, 3, 5, 10, generator=generator).requires_grad_()
+    x = wider.detach()[..., :8].requires_grad_()
+    whole = modeling.apply_rotary_pos_emb(x, cos, sin, half_split)
+    sliced = modeling.apply_rotary_pos_emb(wider, cos, sin, half_split)
+    grad = torch.randn(2, 3, 5, 10, generator=generator)
+    assert torch.equal(whole, sliced[..., :8]) and torch.equal(sliced[..., 8:], wider[..., 8:])
+    assert whole.is_contiguous()  # what SDPA reads without a copy
+    (grad_whole,) = torch.autograd.grad(whole, x, grad[..., :8])
+    (grad_sliced,) = torch.autograd.grad(sliced, wider, grad)
+    assert torch.equal(grad_whole, grad_sliced[..., :8])
+
+
 # ----------------------------------------------------------------------------------------- cache
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 def test_incremental_decoding_matches_full_forward(tiny_model, implementation):
