@@ -181,8 +181,9 @@ class BenchArgs:
     profile: int = field(
         default=0,
         metadata={
-            "help": "Also profile one fp32 (and, with native bf16, one bf16) train step per side: the top N ops, "
-            "and all ops' time split into what both sides share (GEMMs, attention, optimizer) and the rest."
+            "help": "Also profile fp32 (and, with native bf16, bf16) train steps, 3 per side alternated: the top N "
+            "ops per step, and all ops' time split into what both sides share (GEMMs, attention, optimizer) and "
+            "the rest."
         },
     )
     memory_worker: str | None = field(
