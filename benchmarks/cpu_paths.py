@@ -8,9 +8,10 @@ never depend on what a first measurement saw; this script is how a rule is check
 it prints the kind, whether the rule table knows it, and the rule's verdict next to each measurement, so a
 user can report a row. The oneDNN rule is one switch for every linear, so it is judged on the whole
 model's linears (``onednn_fp32_linear``, each projection times its count); the per-projection rows are its
-parts. Shapes are the ``small`` preset's at 16 x 256 tokens (the benchmark's training batch). Prints one JSON object and a table; exits 0 either way. Run it under the ISA caps
-(``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``) to check an AVX2-only
-kind on a newer CPU: the rules read the same caps.
+parts. Shapes are the ``small`` preset's at 16 x 256 tokens (the benchmark's training batch). Prints one
+JSON object and a table; exits 0 either way. Run it under the ISA caps (``ATEN_CPU_CAPABILITY=avx2
+ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2``) to check an AVX2-only kind on a newer CPU: the
+rules read the same caps.
 
     python benchmarks/cpu_paths.py [--json kernels.json] [--repeats 20]
 """
