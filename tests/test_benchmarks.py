@@ -33,6 +33,12 @@ MOE_ROWS = {"moe_train_fp32", "moe_generate_b1"}
 NEEDS_NATIVE_BF16 = {"train_bf16", "bf16_vs_fp32", "mfu_bf16"}
 
 
+def run_bench(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """benchmarks/run.py in a fresh process from the repository root, output captured."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.mark.parametrize("native_bf16", ["1", "0"])
 def test_tiny_run_writes_every_row_with_the_documented_schema(tmp_path, native_bf16):
     """Run as on a machine with native bf16 and as on one without (BILINGUAL_GLM_BF16), whatever this is:
@@ -44,8 +50,7 @@ def test_tiny_run_writes_every_row_with_the_documented_schema(tmp_path, native_b
         "TOKENIZERS_PARALLELISM": "false",
         "BILINGUAL_GLM_BF16": native_bf16,
     }
-    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), *TINY, "--json", str(out)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_bench(*TINY, "--json", str(out), env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     payload = json.loads(out.read_text())
@@ -109,16 +114,13 @@ def test_tiny_run_writes_every_row_with_the_documented_schema(tmp_path, native_b
 
 def test_moe_preset_without_experts_is_a_clear_error():
     """--moe_preset names a size for the MoE rows: a dense preset is refused before anything is built."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", "moe_train_fp32"]
-    command += ["--moe_preset", "tiny"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_bench("--rows", "moe_train_fp32", "--moe_preset", "tiny", timeout=120)
     assert result.returncode == 2
     assert "--moe_preset" in result.stderr and "moe-mini" in result.stderr
 
 
 def test_unknown_row_is_a_clear_error():
-    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--rows", "train_fp64"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_bench("--rows", "train_fp64", timeout=120)
     assert result.returncode == 2
     assert "train_fp64" in result.stderr
 
@@ -175,9 +177,7 @@ def test_tiny_profile_writes_the_top_ops_and_the_split(tmp_path):
     ops and the split are per step, averaged over the profiled rounds."""
     out = tmp_path / "profile.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BILINGUAL_GLM_BF16": "0"}
-    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), *TINY, "--rows", "train_fp32"]
-    command += ["--profile", "5", "--json", str(out)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_bench(*TINY, "--rows", "train_fp32", "--profile", "5", "--json", str(out), env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     payload = json.loads(out.read_text())
     assert set(payload["profile"]) == set(payload["profile_split"]) == {"fp32"}
